@@ -1,0 +1,260 @@
+// The C API: a thin translation onto kvtier::Store. No exception or C++ type crosses it.
+#include "kvtier/kvtier_c.h"
+
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "kvtier/store.h"
+
+struct kvtier_store {
+  std::unique_ptr<kvtier::Store> store;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+kvtier_code Report(const kvtier::Status& s) {
+  if (!s.ok()) last_error = s.ToString();
+  return static_cast<kvtier_code>(s.code());
+}
+
+kvtier::ModelLayout ToLayout(const kvtier_layout& l) {
+  return kvtier::ModelLayout{.num_layers = l.num_layers,
+                             .num_kv_heads = l.num_kv_heads,
+                             .num_query_heads = l.num_query_heads,
+                             .head_dim = l.head_dim,
+                             .dtype = static_cast<kvtier::DType>(l.dtype),
+                             .block_tokens = l.block_tokens};
+}
+
+kvtier::BlockKey ToKey(const kvtier_block_key& k) {
+  return kvtier::BlockKey{.namespace_id = k.namespace_id,
+                          .sequence = {k.sequence_hi, k.sequence_lo},
+                          .layer = k.layer,
+                          .block = k.block};
+}
+
+// A valid layout's size, or 0 with the error recorded.
+template <typename F>
+uint64_t LayoutQuery(const kvtier_layout* layout, F f) {
+  if (layout == nullptr) {
+    Report(kvtier::Status::InvalidArgument("null layout"));
+    return 0;
+  }
+  kvtier::ModelLayout l = ToLayout(*layout);
+  kvtier::Status s = l.Validate();
+  if (!s.ok()) {
+    Report(s);
+    return 0;
+  }
+  return f(l);
+}
+
+kvtier_code NullArgument(const char* what) {
+  return Report(kvtier::Status::InvalidArgument(std::string("null ") + what));
+}
+
+// Runs `f` (returning Status), turning an escaping exception (bad_alloc) into a code.
+template <typename F>
+kvtier_code Guard(F f) {
+  try {
+    return Report(f());
+  } catch (const std::bad_alloc&) {
+    return Report(kvtier::Status::ResourceExhausted("out of memory"));
+  } catch (const std::exception& e) {
+    return Report(kvtier::Status::Internal(e.what()));
+  }
+}
+
+kvtier::Store::Completion ToCompletion(kvtier_completion done, void* user_data) {
+  return [done, user_data](kvtier::Status s) {
+    done(user_data, static_cast<kvtier_code>(s.code()), s.message().c_str());
+  };
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* kvtier_last_error(void) { return last_error.c_str(); }
+
+const char* kvtier_code_name(kvtier_code code) {
+  // The names are string literals: NUL-terminated.
+  return kvtier::StatusCodeName(static_cast<kvtier::StatusCode>(code)).data();
+}
+
+void kvtier_options_init(kvtier_options* options) {
+  if (options == nullptr) return;
+  kvtier::StoreOptions d;
+  options->host_capacity_bytes = d.host_capacity_bytes;
+  options->host_memory = static_cast<kvtier_host_memory>(d.host_memory);
+  options->async_threads = d.async_threads;
+}
+
+void kvtier_layout_llama3_8b(kvtier_layout* layout) {
+  if (layout == nullptr) return;
+  kvtier::ModelLayout l = kvtier::ModelLayout::Llama3_8B();
+  *layout = kvtier_layout{l.num_layers,
+                          l.num_kv_heads,
+                          l.num_query_heads,
+                          l.head_dim,
+                          static_cast<kvtier_dtype>(l.dtype),
+                          l.block_tokens};
+}
+
+uint64_t kvtier_layout_block_bytes(const kvtier_layout* layout) {
+  return LayoutQuery(layout, [](const kvtier::ModelLayout& l) { return l.BytesPerBlock(); });
+}
+
+uint64_t kvtier_layout_token_bytes(const kvtier_layout* layout) {
+  return LayoutQuery(layout, [](const kvtier::ModelLayout& l) { return l.BytesPerToken(); });
+}
+
+uint64_t kvtier_layout_fingerprint(const kvtier_layout* layout) {
+  return LayoutQuery(layout, [](const kvtier::ModelLayout& l) { return l.Fingerprint(); });
+}
+
+kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layout,
+                        kvtier_store** store) {
+  if (store == nullptr) return NullArgument("store out-pointer");
+  *store = nullptr;
+  if (options == nullptr) return NullArgument("options");
+  if (layout == nullptr) return NullArgument("layout");
+  return Guard([&]() -> kvtier::Status {
+    kvtier::StoreOptions o;
+    o.host_capacity_bytes = options->host_capacity_bytes;
+    o.host_memory = static_cast<kvtier::HostMemoryKind>(options->host_memory);
+    o.async_threads = options->async_threads;
+    KVTIER_ASSIGN_OR_RETURN(auto s, kvtier::Store::Open(o, ToLayout(*layout)));
+    *store = new kvtier_store{std::move(s)};
+    return kvtier::Status::OK();
+  });
+}
+
+void kvtier_close(kvtier_store* store) { delete store; }
+
+uint64_t kvtier_block_bytes(const kvtier_store* store) {
+  return store == nullptr ? 0 : store->store->block_bytes();
+}
+
+kvtier_code kvtier_put(kvtier_store* store, const kvtier_block_key* key, const void* data,
+                       uint64_t bytes) {
+  if (store == nullptr) return NullArgument("store");
+  if (key == nullptr) return NullArgument("key");
+  return Guard([&] { return store->store->Put(ToKey(*key), data, bytes); });
+}
+
+kvtier_code kvtier_get(kvtier_store* store, const kvtier_block_key* key, void* data,
+                       uint64_t bytes) {
+  if (store == nullptr) return NullArgument("store");
+  if (key == nullptr) return NullArgument("key");
+  return Guard([&] { return store->store->Get(ToKey(*key), data, bytes); });
+}
+
+int kvtier_contains(const kvtier_store* store, const kvtier_block_key* key) {
+  if (store == nullptr || key == nullptr) return 0;
+  return store->store->Contains(ToKey(*key)) ? 1 : 0;
+}
+
+kvtier_code kvtier_delete(kvtier_store* store, const kvtier_block_key* key) {
+  if (store == nullptr) return NullArgument("store");
+  if (key == nullptr) return NullArgument("key");
+  return Guard([&] { return store->store->Delete(ToKey(*key)); });
+}
+
+kvtier_code kvtier_drop_sequence(kvtier_store* store, uint32_t namespace_id, uint64_t sequence_hi,
+                                 uint64_t sequence_lo, uint64_t* dropped) {
+  if (store == nullptr) return NullArgument("store");
+  return Guard([&]() -> kvtier::Status {
+    KVTIER_ASSIGN_OR_RETURN(uint64_t n,
+                            store->store->DropSequence(namespace_id, {sequence_hi, sequence_lo}));
+    if (dropped != nullptr) *dropped = n;
+    return kvtier::Status::OK();
+  });
+}
+
+kvtier_code kvtier_stats_get(const kvtier_store* store, kvtier_stats* stats) {
+  if (store == nullptr) return NullArgument("store");
+  if (stats == nullptr) return NullArgument("stats");
+  kvtier::StoreStats s = store->store->Stats();
+  *stats = kvtier_stats{s.block_bytes,
+                        s.host_capacity_bytes,
+                        s.host_slot_bytes,
+                        s.host_slots,
+                        s.host_blocks,
+                        s.host_pinned_slots,
+                        static_cast<kvtier_host_memory>(s.host_memory),
+                        s.puts,
+                        s.gets,
+                        s.get_misses,
+                        s.deletes,
+                        s.dropped_sequences,
+                        s.dropped_blocks,
+                        s.evictions,
+                        s.evictions_lost,
+                        s.busy_rejections,
+                        s.bytes_put,
+                        s.bytes_got};
+  return KVTIER_OK;
+}
+
+kvtier_code kvtier_put_batch(kvtier_store* store, size_t n, const kvtier_block_key* keys,
+                             const void* const* datas, kvtier_code* codes) {
+  if (store == nullptr) return NullArgument("store");
+  if (n > 0 && (keys == nullptr || datas == nullptr)) return NullArgument("keys or datas");
+  return Guard([&] {
+    const uint64_t bytes = store->store->block_bytes();
+    std::vector<kvtier::BlockWrite> writes(n);
+    for (size_t i = 0; i < n; ++i) writes[i] = {ToKey(keys[i]), datas[i], bytes};
+    std::vector<kvtier::Status> statuses(n);
+    kvtier::Status s = store->store->PutBatch(writes, statuses);
+    if (codes != nullptr) {
+      for (size_t i = 0; i < n; ++i) codes[i] = static_cast<kvtier_code>(statuses[i].code());
+    }
+    return s;
+  });
+}
+
+kvtier_code kvtier_get_batch(kvtier_store* store, size_t n, const kvtier_block_key* keys,
+                             void* const* datas, kvtier_code* codes) {
+  if (store == nullptr) return NullArgument("store");
+  if (n > 0 && (keys == nullptr || datas == nullptr)) return NullArgument("keys or datas");
+  return Guard([&] {
+    const uint64_t bytes = store->store->block_bytes();
+    std::vector<kvtier::BlockRead> reads(n);
+    for (size_t i = 0; i < n; ++i) reads[i] = {ToKey(keys[i]), datas[i], bytes};
+    std::vector<kvtier::Status> statuses(n);
+    kvtier::Status s = store->store->GetBatch(reads, statuses);
+    if (codes != nullptr) {
+      for (size_t i = 0; i < n; ++i) codes[i] = static_cast<kvtier_code>(statuses[i].code());
+    }
+    return s;
+  });
+}
+
+kvtier_code kvtier_put_async(kvtier_store* store, const kvtier_block_key* key, const void* data,
+                             uint64_t bytes, kvtier_completion done, void* user_data) {
+  if (store == nullptr) return NullArgument("store");
+  if (key == nullptr) return NullArgument("key");
+  if (done == nullptr) return NullArgument("completion");
+  return Guard([&] {
+    store->store->PutAsync(ToKey(*key), data, bytes, ToCompletion(done, user_data));
+    return kvtier::Status::OK();
+  });
+}
+
+kvtier_code kvtier_get_async(kvtier_store* store, const kvtier_block_key* key, void* data,
+                             uint64_t bytes, kvtier_completion done, void* user_data) {
+  if (store == nullptr) return NullArgument("store");
+  if (key == nullptr) return NullArgument("key");
+  if (done == nullptr) return NullArgument("completion");
+  return Guard([&] {
+    store->store->GetAsync(ToKey(*key), data, bytes, ToCompletion(done, user_data));
+    return kvtier::Status::OK();
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,153 @@
+/* kvtier's C API: the same store as <kvtier/store.h>, for engines that bind through
+ * an FFI (Python ctypes/cffi, Rust, Go, ...). C99; no other header needed.
+ *
+ * Every function that can fail returns a kvtier_code (KVTIER_OK = 0). The message of
+ * the last failure on the calling thread is kvtier_last_error(); it stays valid until
+ * the next kvtier call on that thread.
+ *
+ * Thread safety: as the C++ Store. A kvtier_store may be used from many threads at
+ * once; kvtier_close must not race with any other call on the same store, and waits
+ * for its asynchronous operations to complete.
+ */
+#ifndef KVTIER_KVTIER_C_H_
+#define KVTIER_KVTIER_C_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Same values as kvtier::StatusCode. */
+typedef enum kvtier_code {
+  KVTIER_OK = 0,
+  KVTIER_INVALID_ARGUMENT = 1,
+  KVTIER_NOT_FOUND = 2,
+  KVTIER_ALREADY_EXISTS = 3,
+  KVTIER_RESOURCE_EXHAUSTED = 4,
+  KVTIER_BUSY = 5,
+  KVTIER_IO_ERROR = 6,
+  KVTIER_CORRUPTION = 7,
+  KVTIER_FAILED_PRECONDITION = 8,
+  KVTIER_NOT_SUPPORTED = 9,
+  KVTIER_INTERNAL = 10,
+  KVTIER_CANCELLED = 11
+} kvtier_code;
+
+/* Same values as kvtier::DType. */
+typedef enum kvtier_dtype {
+  KVTIER_DTYPE_F16 = 0,
+  KVTIER_DTYPE_BF16 = 1,
+  KVTIER_DTYPE_F32 = 2,
+  KVTIER_DTYPE_FP8_E4M3 = 3
+} kvtier_dtype;
+
+/* Same values as kvtier::HostMemoryKind. */
+typedef enum kvtier_host_memory {
+  KVTIER_HOST_MEMORY_AUTO = 0,
+  KVTIER_HOST_MEMORY_CUDA_PINNED = 1,
+  KVTIER_HOST_MEMORY_LOCKED = 2,
+  KVTIER_HOST_MEMORY_PLAIN = 3
+} kvtier_host_memory;
+
+typedef struct kvtier_layout {
+  uint32_t num_layers;
+  uint32_t num_kv_heads;
+  uint32_t num_query_heads;
+  uint32_t head_dim;
+  kvtier_dtype dtype;
+  uint32_t block_tokens;
+} kvtier_layout;
+
+typedef struct kvtier_options {
+  uint64_t host_capacity_bytes; /* see kvtier::StoreOptions for each field */
+  kvtier_host_memory host_memory;
+  uint32_t async_threads;
+} kvtier_options;
+
+typedef struct kvtier_block_key {
+  uint32_t namespace_id;
+  uint64_t sequence_hi;
+  uint64_t sequence_lo;
+  uint32_t layer;
+  uint32_t block;
+} kvtier_block_key;
+
+typedef struct kvtier_stats {
+  uint64_t block_bytes;
+  uint64_t host_capacity_bytes;
+  uint64_t host_slot_bytes;
+  uint64_t host_slots;
+  uint64_t host_blocks;
+  uint64_t host_pinned_slots;
+  kvtier_host_memory host_memory;
+  uint64_t puts;
+  uint64_t gets;
+  uint64_t get_misses;
+  uint64_t deletes;
+  uint64_t dropped_sequences;
+  uint64_t dropped_blocks;
+  uint64_t evictions;
+  uint64_t evictions_lost;
+  uint64_t busy_rejections;
+  uint64_t bytes_put;
+  uint64_t bytes_got;
+} kvtier_stats;
+
+typedef struct kvtier_store kvtier_store;
+
+/* Completion of an asynchronous call; runs once, on an internal thread. `message` is
+ * "" on success and is valid only during the call. */
+typedef void (*kvtier_completion)(void* user_data, kvtier_code code, const char* message);
+
+/* The message of the calling thread's last failure ("" if none). */
+const char* kvtier_last_error(void);
+/* "OK", "InvalidArgument", ... */
+const char* kvtier_code_name(kvtier_code code);
+
+/* Fill with the defaults of kvtier::StoreOptions / the Llama-3-8B layout. */
+void kvtier_options_init(kvtier_options* options);
+void kvtier_layout_llama3_8b(kvtier_layout* layout);
+/* Sizes of a layout; 0 (and kvtier_last_error set) when the layout is invalid. */
+uint64_t kvtier_layout_block_bytes(const kvtier_layout* layout);
+uint64_t kvtier_layout_token_bytes(const kvtier_layout* layout);
+uint64_t kvtier_layout_fingerprint(const kvtier_layout* layout);
+
+kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layout,
+                        kvtier_store** store);
+/* NULL is allowed. */
+void kvtier_close(kvtier_store* store);
+uint64_t kvtier_block_bytes(const kvtier_store* store);
+
+kvtier_code kvtier_put(kvtier_store* store, const kvtier_block_key* key, const void* data,
+                       uint64_t bytes);
+kvtier_code kvtier_get(kvtier_store* store, const kvtier_block_key* key, void* data,
+                       uint64_t bytes);
+/* 1 when present, 0 when not. */
+int kvtier_contains(const kvtier_store* store, const kvtier_block_key* key);
+kvtier_code kvtier_delete(kvtier_store* store, const kvtier_block_key* key);
+/* *dropped (may be NULL) receives the number of blocks removed. */
+kvtier_code kvtier_drop_sequence(kvtier_store* store, uint32_t namespace_id, uint64_t sequence_hi,
+                                 uint64_t sequence_lo, uint64_t* dropped);
+kvtier_code kvtier_stats_get(const kvtier_store* store, kvtier_stats* stats);
+
+/* Batches of n blocks: keys[i] <-> datas[i], each of kvtier_block_bytes() bytes.
+ * codes (may be NULL) receives each member's outcome. Returns the first failure. */
+kvtier_code kvtier_put_batch(kvtier_store* store, size_t n, const kvtier_block_key* keys,
+                             const void* const* datas, kvtier_code* codes);
+kvtier_code kvtier_get_batch(kvtier_store* store, size_t n, const kvtier_block_key* keys,
+                             void* const* datas, kvtier_code* codes);
+
+/* Asynchronous single-block forms: return KVTIER_OK once submitted (the buffer must
+ * stay valid until `done` runs); `done` then reports the outcome. */
+kvtier_code kvtier_put_async(kvtier_store* store, const kvtier_block_key* key, const void* data,
+                             uint64_t bytes, kvtier_completion done, void* user_data);
+kvtier_code kvtier_get_async(kvtier_store* store, const kvtier_block_key* key, void* data,
+                             uint64_t bytes, kvtier_completion done, void* user_data);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* KVTIER_KVTIER_C_H_ */

@@ -1,0 +1,146 @@
+// Store: kvtier's embedded KV-cache block store, the one object an engine talks to.
+//
+// An engine Puts blocks (one layer's K and V for block_tokens tokens, see layout.h)
+// under a BlockKey and Gets them back into its own buffers. Blocks live in tiers: today
+// the host (warm) tier, a fixed region of RAM cut into block slots with LRU eviction.
+// A block evicted with no lower tier to take it is dropped and counted in Stats.
+//
+//   auto store = kvtier::Store::Open(options, kvtier::ModelLayout::Llama3_8B());
+//   if (!store.ok()) { ... store.status().ToString() ... }
+//   Status s = (*store)->Put(key, block_data, (*store)->block_bytes());
+//
+// Semantics: Put of an existing key replaces it. Operations on one key are atomic: a
+// Get returns a whole block as one Put wrote it, never a mix of two Puts or a partial
+// write. Each operation takes effect at one instant between its call and its return
+// (for an asynchronous one: before its completion runs).
+//
+// Thread safety: every method may be called from any number of threads at once.
+// Completions of asynchronous calls run on the store's internal threads; they may call
+// the store again but must not block for long. Destroying the Store waits for every
+// asynchronous operation already submitted to complete; no call may start during or
+// after destruction.
+#ifndef KVTIER_STORE_H_
+#define KVTIER_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <future>
+#include <memory>
+#include <span>
+
+#include "kvtier/block_key.h"
+#include "kvtier/layout.h"
+#include "kvtier/options.h"
+#include "kvtier/status.h"
+
+namespace kvtier {
+
+// Counters since Open, and the current occupancy. A snapshot: fields are read one at a
+// time, so under concurrent traffic they need not add up exactly.
+struct StoreStats {
+  uint64_t block_bytes = 0;          // bytes of one block
+  uint64_t host_capacity_bytes = 0;  // bytes of the host region (slots * slot_bytes)
+  uint64_t host_slot_bytes = 0;      // block_bytes rounded up to 4 KiB
+  uint64_t host_slots = 0;           // slots in the host tier
+  uint64_t host_blocks = 0;          // blocks resident in the host tier
+  uint64_t host_pinned_slots = 0;    // slots in use by an operation right now
+  HostMemoryKind host_memory = HostMemoryKind::kPlain;  // what backs the host tier
+
+  uint64_t puts = 0;               // successful Puts (batch members count one each)
+  uint64_t gets = 0;               // Gets that returned data
+  uint64_t get_misses = 0;         // Gets that returned NotFound
+  uint64_t deletes = 0;            // blocks removed by Delete
+  uint64_t dropped_sequences = 0;  // DropSequence calls that removed something
+  uint64_t dropped_blocks = 0;     // blocks removed by DropSequence
+  uint64_t evictions = 0;          // blocks evicted from the host tier
+  uint64_t evictions_lost = 0;     // of those, dropped for lack of a lower tier
+  uint64_t busy_rejections = 0;    // Puts refused because every slot was in use
+  uint64_t bytes_put = 0;
+  uint64_t bytes_got = 0;
+};
+
+// One member of a batch Put: `bytes` must equal Store::block_bytes(); `data` must stay
+// valid until the call (or, for an asynchronous batch, its completion) returns.
+struct BlockWrite {
+  BlockKey key;
+  const void* data = nullptr;
+  uint64_t bytes = 0;
+};
+
+// One member of a batch Get: `data` receives block_bytes() bytes.
+struct BlockRead {
+  BlockKey key;
+  void* data = nullptr;
+  uint64_t bytes = 0;
+};
+
+class Store {
+ public:
+  // Runs once with the operation's outcome, on an internal thread.
+  using Completion = std::function<void(Status)>;
+
+  // Validates `layout` and `options`, allocates the host tier and starts the async
+  // threads. Errors: InvalidArgument for a bad layout or options (zero or absurd
+  // capacity), ResourceExhausted when the memory cannot be had.
+  static Result<std::unique_ptr<Store>> Open(const StoreOptions& options,
+                                             const ModelLayout& layout);
+
+  Store(const Store&) = delete;
+  Store& operator=(const Store&) = delete;
+  ~Store();
+
+  const ModelLayout& layout() const;
+  const StoreOptions& options() const;
+  // Bytes of every block: layout().BytesPerBlock().
+  uint64_t block_bytes() const;
+
+  // Stores a copy of `bytes` bytes at `data` under `key` (replacing any block there).
+  // Errors: InvalidArgument (null data, bytes != block_bytes(), a layer outside the
+  // layout), Busy (every host slot is in use by other operations; retry).
+  Status Put(const BlockKey& key, const void* data, uint64_t bytes);
+
+  // Copies the block stored under `key` into `data` (which holds `bytes` bytes).
+  // Errors: NotFound (never stored, deleted, or evicted and lost), InvalidArgument.
+  Status Get(const BlockKey& key, void* data, uint64_t bytes);
+
+  // Whether a Get of `key` would find the block now.
+  bool Contains(const BlockKey& key) const;
+
+  // Removes the block. NotFound when there is none.
+  Status Delete(const BlockKey& key);
+
+  // Removes every block of the sequence, all layers; returns how many there were
+  // (zero is not an error).
+  Result<uint64_t> DropSequence(uint32_t namespace_id, const SequenceId& sequence);
+
+  StoreStats Stats() const;
+
+  // Batches: statuses.size() must equal the batch size (else InvalidArgument and
+  // nothing is done); statuses[i] receives the outcome of member i. Returns OK when
+  // every member succeeded, otherwise the first failure. A batch is cheaper than its
+  // members one by one (one lock round trip for the batch), not atomic as a whole.
+  Status PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses);
+  Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses);
+
+  // Asynchronous forms: return at once, do the work on an internal thread, then run
+  // `done` (or fulfil the future) with what the synchronous form would have returned.
+  // The buffers, and for batches the spans, must stay valid until then.
+  void PutAsync(const BlockKey& key, const void* data, uint64_t bytes, Completion done);
+  std::future<Status> PutAsync(const BlockKey& key, const void* data, uint64_t bytes);
+  void GetAsync(const BlockKey& key, void* data, uint64_t bytes, Completion done);
+  std::future<Status> GetAsync(const BlockKey& key, void* data, uint64_t bytes);
+  void PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses,
+                     Completion done);
+  std::future<Status> PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses);
+  void GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses, Completion done);
+  std::future<Status> GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses);
+
+ private:
+  struct Impl;
+  explicit Store(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvtier
+
+#endif  // KVTIER_STORE_H_
