@@ -1,9 +1,11 @@
 // The C API: a thin translation onto kvtier::Store. No exception or C++ type crosses it.
 #include "kvtier/kvtier_c.h"
 
+#include <cstring>
 #include <memory>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kvtier/store.h"
@@ -21,12 +23,24 @@ kvtier_code Report(const kvtier::Status& s) {
   return static_cast<kvtier_code>(s.code());
 }
 
+// The C enums' fields may hold any int a C caller stores; kvtier's enums are uint8_t.
+// Read the raw integer (loading an out-of-range value as the C++ enum type is undefined)
+// and map a value outside [0, 255] to 255, which no enum uses, so that validation
+// rejects it instead of seeing it wrap onto a valid value (256 -> 0).
+template <typename E, typename CEnum>
+E FromCEnum(const CEnum& field) {
+  std::underlying_type_t<CEnum> raw;
+  std::memcpy(&raw, &field, sizeof(raw));
+  const long long v = static_cast<long long>(raw);
+  return static_cast<E>(v >= 0 && v <= 255 ? v : 255);
+}
+
 kvtier::ModelLayout ToLayout(const kvtier_layout& l) {
   return kvtier::ModelLayout{.num_layers = l.num_layers,
                              .num_kv_heads = l.num_kv_heads,
                              .num_query_heads = l.num_query_heads,
                              .head_dim = l.head_dim,
-                             .dtype = static_cast<kvtier::DType>(l.dtype),
+                             .dtype = FromCEnum<kvtier::DType>(l.dtype),
                              .block_tokens = l.block_tokens};
 }
 
@@ -126,7 +140,7 @@ kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layo
   return Guard([&]() -> kvtier::Status {
     kvtier::StoreOptions o;
     o.host_capacity_bytes = options->host_capacity_bytes;
-    o.host_memory = static_cast<kvtier::HostMemoryKind>(options->host_memory);
+    o.host_memory = FromCEnum<kvtier::HostMemoryKind>(options->host_memory);
     o.async_threads = options->async_threads;
     KVTIER_ASSIGN_OR_RETURN(auto s, kvtier::Store::Open(o, ToLayout(*layout)));
     *store = new kvtier_store{std::move(s)};

@@ -1,0 +1,569 @@
+/* The C API (kvtier_c.h) end to end, as a C99 program: what an FFI binding sees.
+ *
+ * Synchronous calls only (c_api_async_test.c covers the asynchronous ones). Every
+ * operation is mirrored in a model of the counters kvtier_stats_get must report; block
+ * contents are fresh pseudo-random bytes, compared byte by byte.
+ *
+ * Usage: kvtier_c_api_test [seed]. Exits 0 when every check passes; otherwise prints
+ * the failed check, the seed and kvtier_last_error(), and exits 1.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kvtier/kvtier_c.h"
+
+static uint64_t g_seed;
+
+static void Fail(const char* file, int line, const char* what) {
+  fflush(stdout);
+  fprintf(stderr, "%s:%d: check failed: %s\n  seed: %" PRIu64 "\n  kvtier_last_error: \"%s\"\n",
+          file, line, what, g_seed, kvtier_last_error());
+  exit(1);
+}
+
+#define CHECK(cond)                               \
+  do {                                            \
+    if (!(cond)) Fail(__FILE__, __LINE__, #cond); \
+  } while (0)
+
+/* `expr` must return the kvtier_code `want`. */
+#define CHECK_CODE(expr, want)                                                                     \
+  do {                                                                                             \
+    kvtier_code got_ = (expr);                                                                     \
+    if (got_ != (want)) {                                                                          \
+      char what_[512];                                                                             \
+      snprintf(what_, sizeof(what_), "%s returned %s, expected %s", #expr, kvtier_code_name(got_), \
+               kvtier_code_name(want));                                                            \
+      Fail(__FILE__, __LINE__, what_);                                                             \
+    }                                                                                              \
+  } while (0)
+
+#define CHECK_OK(expr) CHECK_CODE(expr, KVTIER_OK)
+
+/* The calling thread's last error names `needle`. Each use picks a needle the previous
+ * error lacks, so a stale message does not pass. */
+#define CHECK_ERROR_MENTIONS(needle)                      \
+  do {                                                    \
+    CHECK(kvtier_last_error() != NULL);                   \
+    CHECK(strstr(kvtier_last_error(), (needle)) != NULL); \
+  } while (0)
+
+/* splitmix64: a seeded stream of pseudo-random bytes, never all zeros. */
+static uint64_t g_rng;
+static uint64_t NextRandom(void) {
+  uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+static void FillRandom(unsigned char* data, uint64_t bytes) {
+  uint64_t i;
+  for (i = 0; i < bytes; i += 8) {
+    uint64_t r = NextRandom();
+    uint64_t j;
+    for (j = 0; j < 8 && i + j < bytes; ++j) data[i + j] = (unsigned char)(r >> (8 * j));
+  }
+}
+
+static unsigned char* Allocate(uint64_t bytes) {
+  unsigned char* p = (unsigned char*)malloc((size_t)bytes);
+  CHECK(p != NULL);
+  return p;
+}
+
+/* Byte-by-byte comparison that reports the first differing offset. */
+#define CHECK_SAME_BYTES(got, want, bytes)                                                       \
+  do {                                                                                           \
+    uint64_t off_;                                                                               \
+    for (off_ = 0; off_ < (bytes); ++off_) {                                                     \
+      if ((got)[off_] != (want)[off_]) {                                                         \
+        char what_[256];                                                                         \
+        snprintf(what_, sizeof(what_), "%s differs from %s at byte %" PRIu64 ": %u != %u", #got, \
+                 #want, off_, (unsigned)(got)[off_], (unsigned)(want)[off_]);                    \
+        Fail(__FILE__, __LINE__, what_);                                                         \
+      }                                                                                          \
+    }                                                                                            \
+  } while (0)
+
+static kvtier_block_key Key(uint32_t ns, uint64_t hi, uint64_t lo, uint32_t layer, uint32_t block) {
+  kvtier_block_key k;
+  k.namespace_id = ns;
+  k.sequence_hi = hi;
+  k.sequence_lo = lo;
+  k.layer = layer;
+  k.block = block;
+  return k;
+}
+
+/* What the store's counters must say, updated alongside every operation. */
+typedef struct Model {
+  uint64_t puts, gets, get_misses, deletes, dropped_sequences, dropped_blocks;
+  uint64_t evictions, blocks;
+} Model;
+
+static void CheckStats(kvtier_store* store, const Model* m, uint64_t block_bytes) {
+  kvtier_stats st;
+  memset(&st, 0xAB, sizeof(st)); /* every field must be written */
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.block_bytes == block_bytes);
+  CHECK(st.puts == m->puts);
+  CHECK(st.gets == m->gets);
+  CHECK(st.get_misses == m->get_misses);
+  CHECK(st.deletes == m->deletes);
+  CHECK(st.dropped_sequences == m->dropped_sequences);
+  CHECK(st.dropped_blocks == m->dropped_blocks);
+  CHECK(st.evictions == m->evictions);
+  CHECK(st.evictions_lost == m->evictions); /* no lower tier: every eviction is lost */
+  CHECK(st.busy_rejections == 0);
+  CHECK(st.host_blocks == m->blocks);
+  CHECK(st.host_pinned_slots == 0);
+  CHECK(st.bytes_put == m->puts * block_bytes);
+  CHECK(st.bytes_got == m->gets * block_bytes);
+}
+
+static void TestNamesAndDefaults(void) {
+  kvtier_options o;
+  CHECK(strcmp(kvtier_code_name(KVTIER_OK), "OK") == 0);
+  CHECK(strcmp(kvtier_code_name(KVTIER_NOT_FOUND), "NotFound") == 0);
+  CHECK(strcmp(kvtier_code_name(KVTIER_INVALID_ARGUMENT), "InvalidArgument") == 0);
+  CHECK(strcmp(kvtier_code_name((kvtier_code)99), "Unknown") == 0);
+
+  memset(&o, 0xFF, sizeof(o));
+  kvtier_options_init(&o);
+  CHECK(o.host_capacity_bytes == (uint64_t)4 << 30);
+  CHECK(o.host_memory == KVTIER_HOST_MEMORY_AUTO);
+  CHECK(o.async_threads == 2);
+  kvtier_options_init(NULL); /* no crash */
+  kvtier_layout_llama3_8b(NULL);
+}
+
+static void TestLayouts(void) {
+  kvtier_layout l, bad;
+  uint64_t fingerprint;
+  memset(&l, 0xFF, sizeof(l));
+  kvtier_layout_llama3_8b(&l);
+  CHECK(l.num_layers == 32);
+  CHECK(l.num_kv_heads == 8);
+  CHECK(l.num_query_heads == 32);
+  CHECK(l.head_dim == 128);
+  CHECK(l.dtype == KVTIER_DTYPE_BF16);
+  CHECK(l.block_tokens == 128);
+  /* 2 (K, V) x 8 heads x 128 dims x 2 bytes x 128 tokens; x 32 layers / 128 tokens. */
+  CHECK(kvtier_layout_block_bytes(&l) == 524288);
+  CHECK(kvtier_layout_token_bytes(&l) == 131072);
+
+  fingerprint = kvtier_layout_fingerprint(&l);
+  CHECK(fingerprint != 0);
+  CHECK(kvtier_layout_fingerprint(&l) == fingerprint);
+  bad = l;
+  bad.dtype = KVTIER_DTYPE_F16; /* same sizes, another layout */
+  CHECK(kvtier_layout_block_bytes(&bad) == 524288);
+  CHECK(kvtier_layout_fingerprint(&bad) != fingerprint);
+
+  /* Invalid layouts: 0 from every size function, and a message naming the problem. */
+  bad = l;
+  bad.num_kv_heads = 0;
+  CHECK(kvtier_layout_block_bytes(&bad) == 0);
+  CHECK_ERROR_MENTIONS("num_kv_heads");
+  CHECK(kvtier_layout_token_bytes(&bad) == 0);
+  CHECK(kvtier_layout_fingerprint(&bad) == 0);
+  bad = l;
+  bad.num_kv_heads = 6; /* 32 query heads are not a multiple of 6 */
+  CHECK(kvtier_layout_token_bytes(&bad) == 0);
+  CHECK_ERROR_MENTIONS("multiple");
+  bad = l;
+  bad.dtype = (kvtier_dtype)7;
+  CHECK(kvtier_layout_block_bytes(&bad) == 0);
+  CHECK_ERROR_MENTIONS("unknown dtype");
+  /* Values past kvtier::DType's uint8_t must not wrap onto a valid dtype. */
+  bad.dtype = (kvtier_dtype)(256 + KVTIER_DTYPE_BF16);
+  CHECK(kvtier_layout_block_bytes(&bad) == 0);
+  bad.dtype = (kvtier_dtype)-1;
+  CHECK(kvtier_layout_token_bytes(&bad) == 0);
+  bad = l;
+  bad.head_dim = 1u << 31; /* a block far over the limit */
+  CHECK(kvtier_layout_block_bytes(&bad) == 0);
+  CHECK(strlen(kvtier_last_error()) > 0);
+  CHECK(kvtier_layout_block_bytes(NULL) == 0);
+  CHECK_ERROR_MENTIONS("null");
+}
+
+static void TestOpenErrors(const kvtier_layout* llama) {
+  kvtier_options o;
+  kvtier_layout bad = *llama;
+  int dummy = 0;
+  kvtier_store* store = (kvtier_store*)&dummy; /* must be reset to NULL on failure */
+
+  kvtier_options_init(&o);
+  o.host_capacity_bytes = (uint64_t)64 << 20;
+  CHECK_CODE(kvtier_open(&o, llama, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_open(NULL, llama, &store), KVTIER_INVALID_ARGUMENT);
+  CHECK(store == NULL);
+  store = (kvtier_store*)&dummy;
+  CHECK_CODE(kvtier_open(&o, NULL, &store), KVTIER_INVALID_ARGUMENT);
+  CHECK(store == NULL);
+
+  bad.block_tokens = 0;
+  store = (kvtier_store*)&dummy;
+  CHECK_CODE(kvtier_open(&o, &bad, &store), KVTIER_INVALID_ARGUMENT);
+  CHECK(store == NULL);
+  CHECK_ERROR_MENTIONS("block_tokens");
+
+  o.host_capacity_bytes = 0;
+  CHECK_CODE(kvtier_open(&o, llama, &store), KVTIER_INVALID_ARGUMENT);
+  o.host_capacity_bytes = 524288 - 1; /* less than one block */
+  CHECK_CODE(kvtier_open(&o, llama, &store), KVTIER_INVALID_ARGUMENT);
+  o.host_capacity_bytes = (uint64_t)64 << 20;
+  o.async_threads = 0;
+  CHECK_CODE(kvtier_open(&o, llama, &store), KVTIER_INVALID_ARGUMENT);
+  o.async_threads = 2;
+  o.host_memory = (kvtier_host_memory)9;
+  CHECK_CODE(kvtier_open(&o, llama, &store), KVTIER_INVALID_ARGUMENT);
+  o.host_memory = (kvtier_host_memory)(256 + KVTIER_HOST_MEMORY_PLAIN); /* must not wrap */
+  CHECK_CODE(kvtier_open(&o, llama, &store), KVTIER_INVALID_ARGUMENT);
+  CHECK(store == NULL);
+}
+
+/* Every entry point given NULL where a pointer is required: an error code, no crash. */
+static void TestNullArguments(kvtier_store* store, unsigned char* buf, uint64_t bytes) {
+  kvtier_block_key k = Key(1, 0, 1, 0, 0);
+  kvtier_stats st;
+  uint64_t dropped = 99;
+  const void* cdatas[1];
+  void* datas[1];
+  cdatas[0] = buf;
+  datas[0] = buf;
+
+  CHECK(kvtier_block_bytes(NULL) == 0);
+  CHECK_CODE(kvtier_put(NULL, &k, buf, bytes), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_put(store, NULL, buf, bytes), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_put(store, &k, NULL, bytes), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_get(NULL, &k, buf, bytes), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_get(store, NULL, buf, bytes), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_get(store, &k, NULL, bytes), KVTIER_INVALID_ARGUMENT);
+  CHECK(kvtier_contains(NULL, &k) == 0);
+  CHECK(kvtier_contains(store, NULL) == 0);
+  CHECK_CODE(kvtier_delete(NULL, &k), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_delete(store, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_drop_sequence(NULL, 1, 0, 1, &dropped), KVTIER_INVALID_ARGUMENT);
+  CHECK(dropped == 99);
+  CHECK_CODE(kvtier_stats_get(NULL, &st), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_stats_get(store, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_put_batch(NULL, 1, &k, cdatas, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_put_batch(store, 1, NULL, cdatas, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_put_batch(store, 1, &k, NULL, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_get_batch(NULL, 1, &k, datas, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_get_batch(store, 1, NULL, datas, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_get_batch(store, 1, &k, NULL, NULL), KVTIER_INVALID_ARGUMENT);
+  /* Empty batches need no arrays. */
+  CHECK_OK(kvtier_put_batch(store, 0, NULL, NULL, NULL));
+  CHECK_OK(kvtier_get_batch(store, 0, NULL, NULL, NULL));
+  kvtier_close(NULL);
+}
+
+/* The Llama-3-8B store: 64 MiB of host tier, 128 blocks of 512 KiB. */
+static void TestLlamaStore(const kvtier_layout* llama) {
+  enum { kBatch = 8 };
+  const uint64_t kSlots = 128;
+  kvtier_options o;
+  kvtier_store* store = NULL;
+  kvtier_stats st;
+  Model m;
+  uint64_t bytes, dropped, i;
+  unsigned char *a, *b, *out, *batch_in[kBatch + 1], *batch_out[kBatch + 1];
+  kvtier_block_key ka, kb, unknown, keys[kBatch + 1];
+  kvtier_code codes[kBatch + 1];
+  const void* cdatas[kBatch + 1];
+  void* datas[kBatch + 1];
+  uint32_t layer, block;
+
+  memset(&m, 0, sizeof(m));
+  kvtier_options_init(&o);
+  o.host_capacity_bytes = kSlots * 524288;
+  CHECK_OK(kvtier_open(&o, llama, &store));
+  CHECK(store != NULL);
+  bytes = kvtier_block_bytes(store);
+  CHECK(bytes == 524288);
+
+  memset(&st, 0, sizeof(st));
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.host_slot_bytes == 524288); /* already a multiple of 4 KiB */
+  CHECK(st.host_slots == kSlots);
+  CHECK(st.host_capacity_bytes == kSlots * 524288);
+  /* kAuto settles on something concrete (plain when mlock is not allowed). */
+  CHECK(st.host_memory == KVTIER_HOST_MEMORY_CUDA_PINNED ||
+        st.host_memory == KVTIER_HOST_MEMORY_LOCKED || st.host_memory == KVTIER_HOST_MEMORY_PLAIN);
+  CheckStats(store, &m, bytes);
+
+  a = Allocate(bytes);
+  b = Allocate(bytes);
+  out = Allocate(bytes);
+  TestNullArguments(store, out, bytes);
+  CheckStats(store, &m, bytes); /* rejected calls count nothing */
+
+  /* Put, then Get into a buffer holding other bytes: the block comes back whole. */
+  ka = Key(7, 0xFEEDFACECAFEBEEFull, 42, 3, 0);
+  FillRandom(a, bytes);
+  FillRandom(out, bytes);
+  CHECK(!kvtier_contains(store, &ka));
+  CHECK_OK(kvtier_put(store, &ka, a, bytes));
+  ++m.puts;
+  ++m.blocks;
+  CHECK(kvtier_contains(store, &ka) == 1);
+  CHECK_OK(kvtier_get(store, &ka, out, bytes));
+  ++m.gets;
+  CHECK_SAME_BYTES(out, a, bytes);
+  CheckStats(store, &m, bytes);
+
+  /* Put of an existing key replaces the block. */
+  FillRandom(b, bytes);
+  CHECK_OK(kvtier_put(store, &ka, b, bytes));
+  ++m.puts;
+  CHECK_OK(kvtier_get(store, &ka, out, bytes));
+  ++m.gets;
+  CHECK_SAME_BYTES(out, b, bytes);
+  CheckStats(store, &m, bytes);
+
+  /* Keys differing in one field only are distinct blocks. */
+  kb = ka;
+  kb.sequence_hi ^= 1;
+  CHECK(!kvtier_contains(store, &kb));
+  kb = ka;
+  kb.namespace_id = 8;
+  CHECK(!kvtier_contains(store, &kb));
+
+  /* A Get that finds nothing: NotFound, a message, and the buffer untouched. */
+  unknown = Key(7, 0xFEEDFACECAFEBEEFull, 42, 3, 1);
+  memcpy(out, a, bytes);
+  CHECK_CODE(kvtier_get(store, &unknown, out, bytes), KVTIER_NOT_FOUND);
+  ++m.get_misses;
+  CHECK_ERROR_MENTIONS("NotFound");
+  CHECK_SAME_BYTES(out, a, bytes);
+
+  /* Malformed calls: InvalidArgument, nothing done. */
+  CHECK_CODE(kvtier_put(store, &unknown, a, bytes - 1), KVTIER_INVALID_ARGUMENT);
+  CHECK(strlen(kvtier_last_error()) > 0);
+  CHECK_CODE(kvtier_put(store, &unknown, a, bytes + 4096), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_get(store, &ka, out, bytes / 2), KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_put(store, &unknown, a, 0), KVTIER_INVALID_ARGUMENT);
+  kb = ka;
+  kb.layer = 32; /* the layout has layers 0..31 */
+  CHECK_CODE(kvtier_put(store, &kb, a, bytes), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("layer");
+  CHECK_CODE(kvtier_get(store, &kb, out, bytes), KVTIER_INVALID_ARGUMENT);
+  CHECK(!kvtier_contains(store, &unknown));
+  CHECK_SAME_BYTES(out, a, bytes);
+  CheckStats(store, &m, bytes);
+
+  /* Delete. */
+  CHECK_OK(kvtier_delete(store, &ka));
+  ++m.deletes;
+  --m.blocks;
+  CHECK(!kvtier_contains(store, &ka));
+  CHECK_CODE(kvtier_get(store, &ka, out, bytes), KVTIER_NOT_FOUND);
+  ++m.get_misses;
+  CHECK_CODE(kvtier_delete(store, &ka), KVTIER_NOT_FOUND);
+  CheckStats(store, &m, bytes);
+
+  /* DropSequence removes every layer and block of one (namespace, sequence) only. */
+  for (layer = 0; layer < 4; ++layer) {
+    for (block = 0; block < 3; ++block) {
+      kvtier_block_key k = Key(7, 1, 2, layer * 8, block);
+      FillRandom(a, bytes);
+      CHECK_OK(kvtier_put(store, &k, a, bytes));
+      ++m.puts;
+      ++m.blocks;
+    }
+  }
+  ka = Key(7, 1, 3, 0, 0); /* another sequence */
+  kb = Key(9, 1, 2, 0, 0); /* the same sequence id in another namespace */
+  FillRandom(a, bytes);
+  FillRandom(b, bytes);
+  CHECK_OK(kvtier_put(store, &ka, a, bytes));
+  CHECK_OK(kvtier_put(store, &kb, b, bytes));
+  m.puts += 2;
+  m.blocks += 2;
+  CheckStats(store, &m, bytes);
+  dropped = 0;
+  CHECK_OK(kvtier_drop_sequence(store, 7, 1, 2, &dropped));
+  CHECK(dropped == 12);
+  ++m.dropped_sequences;
+  m.dropped_blocks += 12;
+  m.blocks -= 12;
+  {
+    kvtier_block_key k = Key(7, 1, 2, 8, 1);
+    CHECK(!kvtier_contains(store, &k));
+  }
+  CHECK(kvtier_contains(store, &ka));
+  CHECK(kvtier_contains(store, &kb));
+  CHECK_OK(kvtier_get(store, &ka, out, bytes));
+  CHECK_SAME_BYTES(out, a, bytes);
+  CHECK_OK(kvtier_get(store, &kb, out, bytes));
+  CHECK_SAME_BYTES(out, b, bytes);
+  m.gets += 2;
+  dropped = 99;
+  CHECK_OK(kvtier_drop_sequence(store, 7, 1, 2, &dropped)); /* nothing left: not an error */
+  CHECK(dropped == 0);
+  CHECK_OK(kvtier_drop_sequence(store, 9, 1, 2, NULL)); /* count not wanted */
+  ++m.dropped_sequences;
+  ++m.dropped_blocks;
+  --m.blocks;
+  CHECK(!kvtier_contains(store, &kb));
+  CheckStats(store, &m, bytes);
+
+  /* Batches: one outcome per member. */
+  for (i = 0; i <= kBatch; ++i) {
+    batch_in[i] = Allocate(bytes);
+    batch_out[i] = Allocate(bytes);
+    FillRandom(batch_in[i], bytes);
+    FillRandom(batch_out[i], bytes);
+    keys[i] = Key(3, 0, 77, (uint32_t)i, 5);
+    cdatas[i] = batch_in[i];
+    datas[i] = batch_out[i];
+    codes[i] = KVTIER_INTERNAL;
+  }
+  CHECK_OK(kvtier_put_batch(store, kBatch, keys, cdatas, codes));
+  for (i = 0; i < kBatch; ++i) CHECK(codes[i] == KVTIER_OK);
+  m.puts += kBatch;
+  m.blocks += kBatch;
+  /* Member kBatch was never put: it alone misses, the others are read. */
+  CHECK_CODE(kvtier_get_batch(store, kBatch + 1, keys, datas, codes), KVTIER_NOT_FOUND);
+  for (i = 0; i < kBatch; ++i) {
+    CHECK(codes[i] == KVTIER_OK);
+    CHECK_SAME_BYTES(batch_out[i], batch_in[i], bytes);
+  }
+  CHECK(codes[kBatch] == KVTIER_NOT_FOUND);
+  m.gets += kBatch;
+  ++m.get_misses;
+  CheckStats(store, &m, bytes);
+
+  /* A bad member fails alone; the first failure is returned; codes may be NULL. */
+  keys[2].layer = 40;
+  for (i = 0; i < kBatch; ++i) FillRandom(batch_in[i], bytes);
+  CHECK_CODE(kvtier_put_batch(store, kBatch, keys, cdatas, codes), KVTIER_INVALID_ARGUMENT);
+  for (i = 0; i < kBatch; ++i) CHECK(codes[i] == (i == 2 ? KVTIER_INVALID_ARGUMENT : KVTIER_OK));
+  m.puts += kBatch - 1;
+  keys[2].layer = 2;
+  CHECK_OK(kvtier_get_batch(store, kBatch, keys, datas, NULL));
+  m.gets += kBatch;
+  for (i = 0; i < kBatch; ++i) {
+    if (i != 2) CHECK_SAME_BYTES(batch_out[i], batch_in[i], bytes);
+  }
+  CheckStats(store, &m, bytes);
+
+  /* Overfill: the least recently used blocks are evicted (and lost: no lower tier). */
+  CHECK_OK(kvtier_stats_get(store, &st));
+  {
+    const uint64_t before = st.host_blocks;
+    const uint64_t extra = kSlots - before + 3;
+    for (i = 0; i < extra; ++i) {
+      kvtier_block_key k = Key(4, 0, 1000 + i, 0, 0);
+      FillRandom(a, bytes);
+      CHECK_OK(kvtier_put(store, &k, a, bytes));
+    }
+    m.puts += extra;
+    m.evictions += 3;
+    m.blocks = kSlots;
+    /* The last block written is the most recently used: still there, intact. */
+    CHECK_OK(kvtier_get(store, &(kvtier_block_key){4, 0, 1000 + extra - 1, 0, 0}, out, bytes));
+    ++m.gets;
+    CHECK_SAME_BYTES(out, a, bytes);
+  }
+  CheckStats(store, &m, bytes);
+
+  for (i = 0; i <= kBatch; ++i) {
+    free(batch_in[i]);
+    free(batch_out[i]);
+  }
+  free(a);
+  free(b);
+  free(out);
+  kvtier_close(store);
+}
+
+/* A store of four 16 KiB blocks in a small layout: eviction order is least recently used
+ * first, where a Get counts as a use. */
+static void TestSmallStoreLru(void) {
+  kvtier_layout l;
+  kvtier_options o;
+  kvtier_store* store = NULL;
+  kvtier_stats st;
+  unsigned char* data[6];
+  unsigned char* out;
+  uint64_t bytes, i;
+
+  l.num_layers = 2;
+  l.num_kv_heads = 2;
+  l.num_query_heads = 4;
+  l.head_dim = 64;
+  l.dtype = KVTIER_DTYPE_F16;
+  l.block_tokens = 32;
+  bytes = kvtier_layout_block_bytes(&l);
+  CHECK(bytes == 2 * 2 * 64 * 2 * 32);
+  CHECK(kvtier_layout_token_bytes(&l) == 2 * 2 * 64 * 2 * 2);
+
+  kvtier_options_init(&o);
+  o.host_capacity_bytes = 4 * bytes + 1000; /* rounds down to 4 slots */
+  o.host_memory = KVTIER_HOST_MEMORY_PLAIN;
+  o.async_threads = 1;
+  CHECK_OK(kvtier_open(&o, &l, &store));
+  CHECK(kvtier_block_bytes(store) == bytes);
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.host_slots == 4);
+  CHECK(st.host_capacity_bytes == 4 * bytes);
+  CHECK(st.host_memory == KVTIER_HOST_MEMORY_PLAIN);
+
+  out = Allocate(bytes);
+  for (i = 0; i < 6; ++i) {
+    data[i] = Allocate(bytes);
+    FillRandom(data[i], bytes);
+  }
+  /* Blocks 0..3 fill the store; block 4 evicts block 0, the least recently used. */
+  for (i = 0; i < 5; ++i) {
+    kvtier_block_key k = Key(0, 0, 5, 1, (uint32_t)i);
+    CHECK_OK(kvtier_put(store, &k, data[i], bytes));
+  }
+  CHECK(!kvtier_contains(store, &(kvtier_block_key){0, 0, 5, 1, 0}));
+  /* Reading block 1 makes it recent: block 5 then evicts block 2. */
+  CHECK_OK(kvtier_get(store, &(kvtier_block_key){0, 0, 5, 1, 1}, out, bytes));
+  CHECK_SAME_BYTES(out, data[1], bytes);
+  CHECK_OK(kvtier_put(store, &(kvtier_block_key){0, 0, 5, 1, 5}, data[5], bytes));
+  CHECK(!kvtier_contains(store, &(kvtier_block_key){0, 0, 5, 1, 2}));
+  for (i = 1; i < 6; ++i) {
+    kvtier_block_key k = Key(0, 0, 5, 1, (uint32_t)i);
+    if (i == 2) continue;
+    CHECK_OK(kvtier_get(store, &k, out, bytes));
+    CHECK_SAME_BYTES(out, data[i], bytes);
+  }
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.puts == 6);
+  CHECK(st.evictions == 2);
+  CHECK(st.evictions_lost == 2);
+  CHECK(st.host_blocks == 4);
+  CHECK(st.gets == 5);
+  CHECK(st.bytes_got == 5 * bytes);
+
+  kvtier_close(store);
+  for (i = 0; i < 6; ++i) free(data[i]);
+  free(out);
+}
+
+int main(int argc, char** argv) {
+  kvtier_layout llama;
+  g_seed = argc > 1 ? strtoull(argv[1], NULL, 0) : (uint64_t)time(NULL);
+  g_rng = g_seed;
+  printf("c_api_test: seed %" PRIu64 "\n", g_seed);
+
+  TestNamesAndDefaults();
+  TestLayouts();
+  kvtier_layout_llama3_8b(&llama);
+  TestOpenErrors(&llama);
+  TestLlamaStore(&llama);
+  TestSmallStoreLru();
+  printf("c_api_test: all checks passed\n");
+  return 0;
+}
