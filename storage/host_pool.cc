@@ -61,13 +61,28 @@ std::optional<SlotId> HostPool::Allocate() {
   return slot;
 }
 
-void HostPool::Publish(SlotId slot, const BlockKey& key) {
+void HostPool::Publish(SlotId slot, const BlockKey& key, bool dirty) {
   Slot& s = slots_[slot];
   if (s.state != State::kUnpublished) Die("publish of a slot not freshly allocated", slot);
   s.key = key;
   s.state = State::kPublished;
+  s.dirty = dirty;
   ++published_;
+  if (dirty) ++dirty_;
   if (s.pins == 0) LruPushFront(slot);
+}
+
+void HostPool::MarkClean(SlotId slot) {
+  Slot& s = slots_[slot];
+  if (s.state != State::kPublished && s.state != State::kRetired) {
+    Die("mark clean of an unpublished slot", slot);
+  }
+  if (!s.dirty) return;
+  const bool listed = s.state == State::kPublished && s.pins == 0;
+  if (listed) LruRemove(slot);
+  s.dirty = false;
+  if (s.state == State::kPublished) --dirty_;
+  if (listed) LruPushFront(slot);
 }
 
 void HostPool::Pin(SlotId slot) {
@@ -104,6 +119,7 @@ void HostPool::Retire(SlotId slot) {
   if (s.state == State::kFree || s.state == State::kRetired) Die("retire of a dead slot", slot);
   if (s.state == State::kPublished) {
     --published_;
+    if (s.dirty) --dirty_;
     if (s.pins == 0) LruRemove(slot);
   }
   if (s.pins == 0) {
@@ -114,37 +130,47 @@ void HostPool::Retire(SlotId slot) {
 }
 
 std::optional<SlotId> HostPool::LruVictim() const {
-  if (lru_tail_ == kNone) return std::nullopt;
-  return lru_tail_;
+  if (lru_[0].tail == kNone) return std::nullopt;
+  return lru_[0].tail;
+}
+
+std::optional<SlotId> HostPool::DirtyLruOldest() const {
+  if (lru_[1].tail == kNone) return std::nullopt;
+  return lru_[1].tail;
 }
 
 void HostPool::LruPushFront(SlotId slot) {
   Slot& s = slots_[slot];
+  LruList& list = lru_[s.dirty ? 1 : 0];
   s.lru_prev = kNone;
-  s.lru_next = lru_head_;
-  if (lru_head_ != kNone) slots_[lru_head_].lru_prev = slot;
-  lru_head_ = slot;
-  if (lru_tail_ == kNone) lru_tail_ = slot;
+  s.lru_next = list.head;
+  if (list.head != kNone) slots_[list.head].lru_prev = slot;
+  list.head = slot;
+  if (list.tail == kNone) list.tail = slot;
+  ++list.size;
 }
 
 void HostPool::LruRemove(SlotId slot) {
   Slot& s = slots_[slot];
+  LruList& list = lru_[s.dirty ? 1 : 0];
   if (s.lru_prev != kNone) {
     slots_[s.lru_prev].lru_next = s.lru_next;
   } else {
-    lru_head_ = s.lru_next;
+    list.head = s.lru_next;
   }
   if (s.lru_next != kNone) {
     slots_[s.lru_next].lru_prev = s.lru_prev;
   } else {
-    lru_tail_ = s.lru_prev;
+    list.tail = s.lru_prev;
   }
   s.lru_prev = s.lru_next = kNone;
+  --list.size;
 }
 
 void HostPool::FreeSlot(SlotId slot) {
   Slot& s = slots_[slot];
   s.state = State::kFree;
+  s.dirty = false;
   s.key = BlockKey{};
   free_.push_back(slot);
 }

@@ -5,12 +5,16 @@
 //
 // Slot life cycle:
 //   Allocate()          free -> owned by the caller, pinned once, not published
-//   Publish(slot, key)  the slot now holds `key`'s committed block
+//   Publish(slot, key, dirty)  the slot now holds `key`'s committed block; dirty when
+//                       that block is not (yet) on a lower tier
+//   MarkClean(slot)     the block reached the lower tier: it may now be evicted
 //   Pin / Unpin         a pinned slot is in use and never evicted; the last Unpin of a
 //                       published slot makes it the most recently used
 //   Retire(slot)        the block is gone (deleted, replaced, evicted): the slot is
 //                       freed now, or at its last Unpin if it is still in use
-// LruVictim() returns the least recently used published, unpinned slot.
+// Published, unpinned slots sit in one of two LRU lists, clean and dirty. LruVictim()
+// returns the least recently used clean one (evicting it loses nothing), DirtyLruOldest()
+// the least recently used dirty one (the next to write back under pressure).
 //
 // Thread safety: SlotData() and the const size accessors may be called from any
 // thread. Every other method must be called with one lock held by the caller (the
@@ -54,21 +58,28 @@ class HostPool {
 
   // A free slot, pinned once and unpublished; nullopt when none is free.
   std::optional<SlotId> Allocate();
-  void Publish(SlotId slot, const BlockKey& key);
+  void Publish(SlotId slot, const BlockKey& key, bool dirty = false);
+  void MarkClean(SlotId slot);
   void Pin(SlotId slot);
   void Unpin(SlotId slot);
   void Retire(SlotId slot);
-  // The least recently used slot that may be evicted now (published, unpinned).
+  // The least recently used slot that may be evicted now (published, unpinned, clean).
   std::optional<SlotId> LruVictim() const;
+  // The least recently used published, unpinned, dirty slot.
+  std::optional<SlotId> DirtyLruOldest() const;
 
   // The key a published slot holds.
   const BlockKey& KeyOf(SlotId slot) const { return slots_[slot].key; }
   bool IsPublished(SlotId slot) const { return slots_[slot].state == State::kPublished; }
+  bool IsDirty(SlotId slot) const { return slots_[slot].dirty; }
   uint32_t PinsOf(SlotId slot) const { return slots_[slot].pins; }
 
   uint32_t free_slots() const { return static_cast<uint32_t>(free_.size()); }
   uint32_t published_slots() const { return published_; }
   uint32_t pinned_slots() const { return pinned_; }
+  uint32_t dirty_slots() const { return dirty_; }
+  // Published, unpinned, clean slots: LruVictim() candidates.
+  uint32_t evictable_slots() const { return lru_[0].size; }
 
  private:
   static constexpr SlotId kNone = UINT32_MAX;
@@ -79,11 +90,18 @@ class HostPool {
     SlotId lru_next = kNone;  // towards the least recently used end
     uint32_t pins = 0;
     State state = State::kFree;
+    bool dirty = false;
+  };
+  struct LruList {
+    SlotId head = kNone;  // most recently used
+    SlotId tail = kNone;  // least recently used
+    uint32_t size = 0;
   };
 
   HostPool(std::unique_ptr<HostRegion> region, uint64_t block_bytes, uint64_t slot_bytes,
            uint32_t count);
-  void LruPushFront(SlotId slot);  // becomes the most recently used
+  // The slot's list (by its dirty flag): push makes it the most recently used.
+  void LruPushFront(SlotId slot);
   void LruRemove(SlotId slot);
   void FreeSlot(SlotId slot);
 
@@ -92,9 +110,9 @@ class HostPool {
   uint64_t slot_bytes_;
   std::vector<Slot> slots_;
   std::vector<SlotId> free_;  // a stack: the most recently freed slot is reused first
-  SlotId lru_head_ = kNone;   // most recently used
-  SlotId lru_tail_ = kNone;   // least recently used
+  LruList lru_[2];            // [0] clean, [1] dirty
   uint32_t published_ = 0;
+  uint32_t dirty_ = 0;  // published dirty slots
   uint32_t pinned_ = 0;
 };
 

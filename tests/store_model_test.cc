@@ -2,11 +2,14 @@
 // (single, batch and asynchronous forms) from several threads, each checked against a
 // std::map of what was written, as LevelDB checks its DB against ModelDB.
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include <atomic>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -42,6 +45,7 @@ struct ModelParams {
   uint32_t slots;  // host tier capacity in blocks
   int threads;
   int ops_per_thread;
+  bool disk = false;  // a disk tier below the host tier: nothing is ever lost
 };
 
 class StoreModelTest : public ::testing::TestWithParam<ModelParams> {};
@@ -54,6 +58,14 @@ TEST_P(StoreModelTest, RandomOperationsMatchModel) {
   const ModelParams p = GetParam();
   StoreOptions options;
   options.host_capacity_bytes = uint64_t{p.slots} * SmallLayout().BytesPerBlock();
+  std::string dir;
+  if (p.disk) {
+    char tmpl[] = "/tmp/kvtier-model-XXXXXX";
+    dir = mkdtemp(tmpl);
+    options.directory = dir;
+    options.disk_capacity_bytes = 4096 * SmallLayout().BytesPerBlock();
+    options.io_depth = 8;
+  }
   auto opened = Store::Open(options, SmallLayout());
   ASSERT_TRUE(opened.ok()) << opened.status().ToString();
   Store& store = **opened;
@@ -162,25 +174,47 @@ TEST_P(StoreModelTest, RandomOperationsMatchModel) {
     }
   }
   StoreStats stats = store.Stats();
-  EXPECT_EQ(stats.host_blocks, resident);
+  if (!p.disk) {
+    EXPECT_EQ(stats.host_blocks, resident);  // with a disk, most live there
+  }
   EXPECT_EQ(stats.host_pinned_slots, 0u);
   EXPECT_LE(lost.load(), stats.evictions_lost);
   if (p.slots < 4 * 4 * 8) {  // fewer slots than a thread's keys
     EXPECT_GT(stats.evictions, 0u);
   }
-  if (stats.evictions == 0) {
+  if (stats.evictions == 0 || p.disk) {
     EXPECT_EQ(lost.load(), 0u);
+    EXPECT_EQ(stats.evictions_lost, 0u);
   }
+  if (!p.disk) return;
+  // Durable across a clean close: reopen and find every block of the model.
+  ASSERT_TRUE(store.Flush().ok());
+  opened->reset();
+  auto reopened = Store::Open(options, SmallLayout());
+  ASSERT_TRUE(reopened.ok()) << reopened.status().ToString();
+  uint64_t blocks = 0;
+  for (auto& model : models) {
+    for (auto& [k, v] : model) {
+      ASSERT_TRUE((*reopened)->Get(k, buf.data(), bytes).ok()) << k.ToString();
+      ASSERT_EQ(Check(buf, k), v);
+      ++blocks;
+    }
+  }
+  EXPECT_EQ((*reopened)->Stats().disk_blocks, blocks);
+  reopened->reset();
+  std::filesystem::remove_all(dir);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Pressure, StoreModelTest,
-    ::testing::Values(ModelParams{1024, 4, 4000},  // everything fits: the model is exact
-                      ModelParams{48, 4, 4000},    // evictions under concurrency
-                      ModelParams{40, 1, 6000}),   // evictions, one thread
+    ::testing::Values(ModelParams{1024, 4, 4000},      // everything fits: the model is exact
+                      ModelParams{48, 4, 4000},        // evictions under concurrency
+                      ModelParams{40, 1, 6000},        // evictions, one thread
+                      ModelParams{48, 4, 3000, true},  // the same through a disk tier
+                      ModelParams{24, 1, 4000, true}),
     [](const auto& info) {
       return "slots" + std::to_string(info.param.slots) + "_threads" +
-             std::to_string(info.param.threads);
+             std::to_string(info.param.threads) + (info.param.disk ? "_disk" : "");
     });
 
 // All threads on the same few keys, in a tier too small for them: every Get returns

@@ -1,7 +1,11 @@
 #include "tools/demo.h"
 
+#include <stdlib.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,7 +20,10 @@ struct DemoConfig {
   ModelLayout layout = ModelLayout::Llama3_8B();
   std::string dtype = "bf16";
   uint64_t tokens = 32768;
-  double host_gib = 4.0;
+  double host_gib = 1.0;
+  std::string dir;  // store directory; empty: a temporary one, removed at the end
+  bool memory_only = false;
+  bool keep = false;
   uint64_t seed = 1;
   uint32_t sequences = 1;
   bool json = false;
@@ -26,6 +33,22 @@ struct DemoConfig {
 uint64_t BlockSeed(uint64_t run_seed, const BlockKey& key) {
   return PatternWord(run_seed ^ key.sequence.lo, (uint64_t{key.layer} << 32) | key.block);
 }
+
+// A store directory under /var/tmp (on disk, unlike a tmpfs /tmp), removed at the end.
+struct TempStoreDir {
+  std::string path;
+  bool keep = false;
+  Status Create() {
+    char tmpl[] = "/var/tmp/kvtier-demo-XXXXXX";
+    if (mkdtemp(tmpl) == nullptr) return Status::FromErrno(errno, "mkdtemp /var/tmp/kvtier-demo-*");
+    path = tmpl;
+    return Status::OK();
+  }
+  ~TempStoreDir() {
+    std::error_code ec;
+    if (!path.empty() && !keep) std::filesystem::remove_all(path, ec);
+  }
+};
 
 double Seconds(std::chrono::steady_clock::duration d) {
   return std::chrono::duration<double>(d).count();
@@ -76,6 +99,25 @@ int RunDemo(DemoConfig config) {
   config.layout.dtype = *dtype;
   StoreOptions options;
   options.host_capacity_bytes = static_cast<uint64_t>(config.host_gib * double(1ull << 30));
+  TempStoreDir temp;
+  if (!config.memory_only) {
+    if (config.dir.empty()) {
+      Status s = temp.Create();
+      if (!s.ok()) {
+        std::fprintf(stderr, "kvtier demo: %s\n", s.ToString().c_str());
+        return 2;
+      }
+      temp.keep = config.keep;
+      options.directory = temp.path;
+    } else {
+      options.directory = config.dir;
+    }
+    // Room for the whole context on disk, and a little more.
+    const uint64_t context_bytes =
+        ((config.tokens + config.layout.block_tokens - 1) / config.layout.block_tokens) *
+        config.layout.block_tokens * config.layout.BytesPerToken() * config.sequences;
+    options.disk_capacity_bytes = context_bytes + context_bytes / 4 + (64ull << 20);
+  }
   auto opened = Store::Open(options, config.layout);
   if (!opened.ok()) {
     std::fprintf(stderr, "kvtier demo: %s\n", opened.status().ToString().c_str());
@@ -106,6 +148,17 @@ int RunDemo(DemoConfig config) {
         return 2;
       }
       ingest.blocks += layers;
+    }
+  }
+
+  // Durable: every block's bytes and catalog entry on disk (nothing for memory only).
+  {
+    auto t0 = std::chrono::steady_clock::now();
+    Status st = store.Flush();
+    ingest.seconds += Seconds(std::chrono::steady_clock::now() - t0);
+    if (!st.ok()) {
+      std::fprintf(stderr, "kvtier demo: flush: %s\n", st.ToString().c_str());
+      return 2;
     }
   }
 
@@ -156,13 +209,15 @@ int RunDemo(DemoConfig config) {
         "\"host_memory\":\"%s\",\"host_capacity_bytes\":%llu,"
         "\"ingest_blocks\":%llu,\"ingest_gbps\":%.3f,\"readback_blocks\":%llu,"
         "\"readback_gbps\":%.3f,\"verified\":%llu,\"missing\":%llu,\"corrupt\":%llu,"
-        "\"evictions\":%llu,\"evictions_lost\":%llu,\"ok\":%s}\n",
+        "\"evictions\":%llu,\"evictions_lost\":%llu,\"disk_writes\":%llu,"
+        "\"disk_reads\":%llu,\"ok\":%s}\n",
         config.layout.ToString().c_str(), (unsigned long long)config.tokens, config.sequences,
         (unsigned long long)block_bytes, std::string(HostMemoryKindName(stats.host_memory)).c_str(),
         (unsigned long long)stats.host_capacity_bytes, (unsigned long long)ingest.blocks,
         gbps(ingest), (unsigned long long)readback.blocks, gbps(readback),
         (unsigned long long)verified, (unsigned long long)missing, (unsigned long long)corrupt,
         (unsigned long long)stats.evictions, (unsigned long long)stats.evictions_lost,
+        (unsigned long long)stats.disk_writes, (unsigned long long)stats.disk_reads,
         ok ? "true" : "false");
     return ok ? 0 : 1;
   }
@@ -170,10 +225,11 @@ int RunDemo(DemoConfig config) {
   std::printf("  context: %u sequence(s) x %llu tokens = %llu blocks of %llu bytes\n",
               config.sequences, (unsigned long long)config.tokens, (unsigned long long)ctx.blocks(),
               (unsigned long long)block_bytes);
-  std::printf("  host tier: %.2f GiB, %llu slots, %s memory\n\n",
+  std::printf("  host tier: %.2f GiB, %llu slots, %s memory%s\n\n",
               double(stats.host_capacity_bytes) / double(1ull << 30),
               (unsigned long long)stats.host_slots,
-              std::string(HostMemoryKindName(stats.host_memory)).c_str());
+              std::string(HostMemoryKindName(stats.host_memory)).c_str(),
+              config.memory_only ? " (memory only: no disk tier)" : "");
   std::printf("  %-9s %10s %12s %9s %8s\n", "phase", "blocks", "bytes", "seconds", "GB/s");
   for (const Phase* p : {&ingest, &readback}) {
     std::printf("  %-9s %10llu %12.3e %9.3f %8.2f\n", p->name, (unsigned long long)p->blocks,
@@ -182,8 +238,14 @@ int RunDemo(DemoConfig config) {
   std::printf("\n  verified byte-exact: %llu   missing: %llu   corrupt: %llu\n",
               (unsigned long long)verified, (unsigned long long)missing,
               (unsigned long long)corrupt);
-  std::printf("  evictions: %llu (lost, no lower tier yet: %llu)\n",
-              (unsigned long long)stats.evictions, (unsigned long long)stats.evictions_lost);
+  std::printf("  evictions: %llu (lost: %llu)\n", (unsigned long long)stats.evictions,
+              (unsigned long long)stats.evictions_lost);
+  if (!config.memory_only) {
+    std::printf("  disk tier: %s, %llu blocks written, %llu read back (promoted), %.2f GiB used\n",
+                options.directory.c_str(), (unsigned long long)stats.disk_writes,
+                (unsigned long long)stats.disk_reads,
+                double(stats.disk_used_bytes) / double(1ull << 30));
+  }
   std::printf("  result: %s\n", ok ? "OK" : "FAILED");
   return ok ? 0 : 1;
 }
@@ -194,7 +256,9 @@ void AddDemoCommand(CLI::App& app, int* exit_code) {
   auto config = std::make_shared<DemoConfig>();
   CLI::App* cmd = app.add_subcommand(
       "demo", "Ingest a synthetic context through the store, read it back, verify every byte");
-  cmd->footer("Example: kvtier demo --tokens 65536 --host-gib 2   (evicts: host tier too small)");
+  cmd->footer(
+      "Example: kvtier demo --tokens 65536 --host-gib 2   (8 GiB of KV through a 2 GiB host "
+      "tier; the rest goes to disk and comes back)\n");
   cmd->add_option("--tokens", config->tokens, "Context length per sequence, tokens")
       ->capture_default_str()
       ->check(CLI::Range(uint64_t{1}, uint64_t{1} << 32));
@@ -204,6 +268,11 @@ void AddDemoCommand(CLI::App& app, int* exit_code) {
   cmd->add_option("--host-gib", config->host_gib, "Host tier capacity, GiB")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--dir", config->dir,
+                  "Store directory (kept); default: a temporary one under /var/tmp, removed");
+  cmd->add_flag("--memory-only", config->memory_only,
+                "No disk tier: blocks evicted from the host tier are lost");
+  cmd->add_flag("--keep", config->keep, "Keep the temporary store directory");
   cmd->add_option("--layers", config->layout.num_layers, "Model layers")->capture_default_str();
   cmd->add_option("--kv-heads", config->layout.num_kv_heads, "KV heads")->capture_default_str();
   cmd->add_option("--query-heads", config->layout.num_query_heads, "Query heads")

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "kvtier/block_key.h"
+#include "storage/catalog.h"
 #include "storage/host_pool.h"
 
 namespace kvtier {
@@ -23,6 +24,10 @@ class BlockIndex {
 
   struct Entry {
     SlotId host_slot = kNoSlot;  // where the block is resident in the host tier
+    bool dirty = false;          // the host copy is not durable yet
+    bool on_disk = false;        // `disk` holds what the catalog durably references
+    DiskLocation disk;
+    uint64_t version = 0;  // the Put that made the host copy (store-wide counter)
     const BlockKey* key = nullptr;
     Entry* seq_prev = nullptr;  // the sequence's chain
     Entry* seq_next = nullptr;

@@ -1,55 +1,15 @@
 #include "kvtier/store.h"
 
-#include <spdlog/spdlog.h>
-
 #include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "src/core/block_index.h"
-#include "src/core/worker_pool.h"
-#include "src/util/mutex.h"
-#include "storage/host_pool.h"
+#include "src/core/store_impl.h"
+#include "src/util/log.h"
 
 namespace kvtier {
-
-// Locking: one mutex guards the index, the pool's bookkeeping and the counters. It is
-// never held while block bytes are copied: an operation pins its slots under the lock,
-// copies without it, then commits or unpins under the lock again.
-struct Store::Impl {
-  Impl(const StoreOptions& o, const ModelLayout& l, std::unique_ptr<HostPool> p)
-      : options(o), layout(l), block_bytes(l.BytesPerBlock()), pool(std::move(p)) {}
-
-  Status CheckKey(const BlockKey& key) const;
-  Status CheckBuffer(const void* data, uint64_t bytes) const;
-
-  // Write path. Reserve: a slot for one block (evicting the LRU block if needed).
-  Result<SlotId> ReserveLocked() KVTIER_REQUIRES(mu);
-  void CommitLocked(const BlockKey& key, SlotId slot) KVTIER_REQUIRES(mu);
-  // Read path. Pin: the slot holding `key`, pinned, or NotFound.
-  Result<SlotId> PinLocked(const BlockKey& key) KVTIER_REQUIRES(mu);
-  void RemoveLocked(BlockIndex::Entry* entry) KVTIER_REQUIRES(mu);
-
-  Status Put(const BlockKey& key, const void* data, uint64_t bytes);
-  Status Get(const BlockKey& key, void* data, uint64_t bytes);
-  Status PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses);
-  Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses);
-
-  const StoreOptions options;
-  const ModelLayout layout;
-  const uint64_t block_bytes;
-
-  mutable Mutex mu;
-  const std::unique_ptr<HostPool> pool KVTIER_PT_GUARDED_BY(mu);
-  BlockIndex index KVTIER_GUARDED_BY(mu);
-  StoreStats stats KVTIER_GUARDED_BY(mu);
-
-  // Declared last: destroyed first, so queued work finishes while the rest lives.
-  std::unique_ptr<WorkerPool> workers;
-};
-
 namespace {
 
 Status FirstFailure(std::span<const Status> statuses) {
@@ -58,6 +18,21 @@ Status FirstFailure(std::span<const Status> statuses) {
   }
   return Status::OK();
 }
+
+// Slot ids for a batch: on the stack for small batches (one decode step's layers).
+class SlotArray {
+ public:
+  explicit SlotArray(size_t n) : slots_(n <= kInline ? inline_ : (heap_.resize(n), heap_.data())) {
+    for (size_t i = 0; i < n; ++i) slots_[i] = BlockIndex::kNoSlot;
+  }
+  SlotId& operator[](size_t i) { return slots_[i]; }
+
+ private:
+  static constexpr size_t kInline = 64;
+  SlotId inline_[kInline];
+  std::vector<SlotId> heap_;
+  SlotId* slots_;
+};
 
 }  // namespace
 
@@ -80,45 +55,142 @@ Status Store::Impl::CheckBuffer(const void* data, uint64_t bytes) const {
   return Status::OK();
 }
 
-Result<SlotId> Store::Impl::ReserveLocked() {
-  if (std::optional<SlotId> slot = pool->Allocate()) return *slot;
-  std::optional<SlotId> victim = pool->LruVictim();
-  if (!victim) {
-    ++stats.busy_rejections;
-    return Status::Busy("every one of the host tier's " + std::to_string(pool->slot_count()) +
-                        " slots is in use by an operation in flight");
+Result<SlotId> Store::Impl::ReserveLocked(bool for_put) {
+  // With a disk tier, a Put never takes the last few slots that are free or clean:
+  // they stay for promotions, so blocks on disk can be read even when the host tier is
+  // full of blocks the disk cannot take (a full disk).
+  const uint32_t keep = for_put && has_disk ? read_reserve_slots : 0;
+  for (;;) {
+    if (pool->free_slots() + pool->evictable_slots() > keep) {
+      if (std::optional<SlotId> slot = pool->Allocate()) return *slot;
+      EvictLocked(*pool->LruVictim());
+      continue;  // the victim's slot is free now
+    }
+    // Nothing free or clean: every slot is pinned, or dirty (not on disk yet).
+    if (has_disk && !options.write_through && !disk_full) {
+      // Write-back: start writing the oldest dirty blocks so that slots come clean.
+      for (uint32_t i = 0; i < options.io_depth; ++i) {
+        std::optional<SlotId> dirty = pool->DirtyLruOldest();
+        if (!dirty) break;
+        const BlockIndex::Entry* e = index.Find(pool->KeyOf(*dirty));
+        EnqueueWriteLocked(pool->KeyOf(*dirty), e->version, *dirty);
+      }
+    }
+    const bool disk_will_free = has_disk && writeback_pins > 0;
+    if (!disk_will_free) {
+      if (has_disk && disk_full && pool->dirty_slots() > 0) {
+        return Status::ResourceExhausted(
+            "the disk tier is full and every host slot holds a block not yet on disk; "
+            "delete blocks or sequences to make room");
+      }
+      ++stats.busy_rejections;
+      return Status::Busy("every one of the host tier's " + std::to_string(pool->slot_count()) +
+                          " slots is in use by an operation in flight");
+    }
+    if (!options.wait_when_full) {
+      ++stats.busy_rejections;
+      return Status::Busy("the host tier is full of blocks the disk has not taken yet");
+    }
+    ++stats.put_waits;
+    slot_cv.wait(mu);
   }
-  // No lower tier yet: the evicted block is lost, and counted.
-  BlockIndex::Entry* entry = index.Find(pool->KeyOf(*victim));
-  RemoveLocked(entry);
+}
+
+void Store::Impl::EvictLocked(SlotId victim) {
+  BlockIndex::Entry* entry = index.Find(pool->KeyOf(victim));
   ++stats.evictions;
+  if (entry->on_disk && !entry->dirty) {
+    // Demoted: the disk holds it already; only the host copy goes.
+    entry->host_slot = BlockIndex::kNoSlot;
+    pool->Retire(victim);
+    return;
+  }
+  // No lower tier: the block is lost, and counted.
   ++stats.evictions_lost;
-  return *pool->Allocate();  // the victim's slot was freed by RemoveLocked
+  DetachLocked(entry, nullptr, nullptr);
+  index.Erase(entry);
 }
 
 void Store::Impl::CommitLocked(const BlockKey& key, SlotId slot) {
   auto [entry, created] = index.Insert(key);
-  if (!created && entry->host_slot != BlockIndex::kNoSlot) pool->Retire(entry->host_slot);
+  if (!created) {
+    if (entry->host_slot != BlockIndex::kNoSlot) pool->Retire(entry->host_slot);
+    if (entry->dirty) {  // the older host copy will never be written now
+      dirty_versions.erase(entry->version);
+      failed_writes.erase(entry->version);
+    }
+  }
   entry->host_slot = slot;
-  pool->Publish(slot, key);
+  entry->version = next_version++;
+  entry->dirty = has_disk;
+  pool->Publish(slot, key, has_disk);
+  if (has_disk) {
+    dirty_versions.insert(entry->version);
+    if (options.write_through) EnqueueWriteLocked(key, entry->version, slot);
+  }
   pool->Unpin(slot);
   ++stats.puts;
   stats.bytes_put += block_bytes;
 }
 
-Result<SlotId> Store::Impl::PinLocked(const BlockKey& key) {
-  BlockIndex::Entry* entry = index.Find(key);
-  if (entry == nullptr || entry->host_slot == BlockIndex::kNoSlot) {
-    ++stats.get_misses;
-    return Status::NotFound("block " + key.ToString() + " is not in the store");
+void Store::Impl::DetachLocked(BlockIndex::Entry* entry,
+                               std::vector<Catalog::Update>* catalog_deletes,
+                               std::vector<Extent>* extents_to_free) {
+  if (entry->host_slot != BlockIndex::kNoSlot) pool->Retire(entry->host_slot);
+  if (entry->dirty) {
+    dirty_versions.erase(entry->version);
+    failed_writes.erase(entry->version);
   }
-  pool->Pin(entry->host_slot);
-  return entry->host_slot;
+  if (entry->on_disk) {
+    --stats.disk_blocks;
+    if (entry->disk.flags & kBlockCorrupt) --stats.corrupt_blocks;
+    if (catalog_deletes != nullptr) {
+      catalog_deletes->push_back(Catalog::Update{*entry->key, std::nullopt});
+      if (!(entry->disk.flags & kBlockOrphanExtent)) {
+        extents_to_free->push_back(
+            Extent{entry->disk.file, entry->disk.offset, entry->disk.length});
+      }
+    }
+  }
 }
 
-void Store::Impl::RemoveLocked(BlockIndex::Entry* entry) {
-  if (entry->host_slot != BlockIndex::kNoSlot) pool->Retire(entry->host_slot);
-  index.Erase(entry);
+void Store::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
+  SlotId reserved = BlockIndex::kNoSlot;
+  for (;;) {
+    BlockIndex::Entry* e = index.Find(key);
+    if (e == nullptr) {
+      ++stats.get_misses;
+      plan.status = Status::NotFound("block " + key.ToString() + " is not in the store");
+      break;
+    }
+    if (e->host_slot != BlockIndex::kNoSlot) {
+      pool->Pin(e->host_slot);
+      plan.slot = e->host_slot;
+      break;
+    }
+    if (e->disk.flags & kBlockCorrupt) {
+      plan.status = Status::Corruption("block " + key.ToString() +
+                                       " failed its checksum on disk and is quarantined");
+      break;
+    }
+    if (reserved == BlockIndex::kNoSlot) {
+      // A slot to promote into. Reserving may wait and let the block change: look again.
+      Result<SlotId> r = ReserveLocked(/*for_put=*/false);
+      if (!r.ok()) {
+        plan.status = r.status();
+        break;
+      }
+      reserved = *r;
+      continue;
+    }
+    plan.slot = reserved;
+    reserved = BlockIndex::kNoSlot;
+    plan.promote = true;
+    plan.loc = e->disk;
+    ReadPinLocked(plan.loc);
+    break;
+  }
+  if (reserved != BlockIndex::kNoSlot) pool->Unpin(reserved);  // not needed after all
 }
 
 Status Store::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
@@ -127,27 +199,11 @@ Status Store::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
   SlotId slot;
   {
     MutexLock lock(&mu);
-    KVTIER_ASSIGN_OR_RETURN(slot, ReserveLocked());
+    KVTIER_ASSIGN_OR_RETURN(slot, ReserveLocked(/*for_put=*/true));
   }
   std::memcpy(pool->SlotData(slot), data, bytes);
   MutexLock lock(&mu);
   CommitLocked(key, slot);
-  return Status::OK();
-}
-
-Status Store::Impl::Get(const BlockKey& key, void* data, uint64_t bytes) {
-  KVTIER_RETURN_IF_ERROR(CheckKey(key));
-  KVTIER_RETURN_IF_ERROR(CheckBuffer(data, bytes));
-  SlotId slot;
-  {
-    MutexLock lock(&mu);
-    KVTIER_ASSIGN_OR_RETURN(slot, PinLocked(key));
-  }
-  std::memcpy(data, pool->SlotData(slot), bytes);
-  MutexLock lock(&mu);
-  pool->Unpin(slot);
-  ++stats.gets;
-  stats.bytes_got += bytes;
   return Status::OK();
 }
 
@@ -156,18 +212,8 @@ Status Store::Impl::PutBatch(std::span<const BlockWrite> writes, std::span<Statu
     return Status::InvalidArgument("PutBatch: " + std::to_string(statuses.size()) +
                                    " statuses for " + std::to_string(writes.size()) + " writes");
   }
-  constexpr SlotId kNoSlot = BlockIndex::kNoSlot;
-  // Small batches (one decode step's layers) need no allocation.
-  constexpr size_t kInline = 64;
-  SlotId inline_slots[kInline];
-  std::vector<SlotId> heap_slots;
-  SlotId* slots = inline_slots;
-  if (writes.size() > kInline) {
-    heap_slots.resize(writes.size());
-    slots = heap_slots.data();
-  }
+  SlotArray slots(writes.size());
   for (size_t i = 0; i < writes.size(); ++i) {
-    slots[i] = kNoSlot;
     statuses[i] = CheckKey(writes[i].key);
     if (statuses[i].ok()) statuses[i] = CheckBuffer(writes[i].data, writes[i].bytes);
   }
@@ -175,7 +221,7 @@ Status Store::Impl::PutBatch(std::span<const BlockWrite> writes, std::span<Statu
     MutexLock lock(&mu);
     for (size_t i = 0; i < writes.size(); ++i) {
       if (!statuses[i].ok()) continue;
-      Result<SlotId> slot = ReserveLocked();
+      Result<SlotId> slot = ReserveLocked(/*for_put=*/true);
       if (slot.ok()) {
         slots[i] = *slot;
       } else {
@@ -184,12 +230,14 @@ Status Store::Impl::PutBatch(std::span<const BlockWrite> writes, std::span<Statu
     }
   }
   for (size_t i = 0; i < writes.size(); ++i) {
-    if (slots[i] != kNoSlot) std::memcpy(pool->SlotData(slots[i]), writes[i].data, block_bytes);
+    if (slots[i] != BlockIndex::kNoSlot) {
+      std::memcpy(pool->SlotData(slots[i]), writes[i].data, block_bytes);
+    }
   }
   {
     MutexLock lock(&mu);
     for (size_t i = 0; i < writes.size(); ++i) {
-      if (slots[i] != kNoSlot) CommitLocked(writes[i].key, slots[i]);
+      if (slots[i] != BlockIndex::kNoSlot) CommitLocked(writes[i].key, slots[i]);
     }
   }
   return FirstFailure(statuses);
@@ -200,44 +248,49 @@ Status Store::Impl::GetBatch(std::span<const BlockRead> reads, std::span<Status>
     return Status::InvalidArgument("GetBatch: " + std::to_string(statuses.size()) +
                                    " statuses for " + std::to_string(reads.size()) + " reads");
   }
-  constexpr SlotId kNoSlot = BlockIndex::kNoSlot;
   constexpr size_t kInline = 64;
-  SlotId inline_slots[kInline];
-  std::vector<SlotId> heap_slots;
-  SlotId* slots = inline_slots;
+  ReadPlan inline_plans[kInline];
+  std::vector<ReadPlan> heap_plans;
+  std::span<ReadPlan> plans(inline_plans, std::min(reads.size(), kInline));
   if (reads.size() > kInline) {
-    heap_slots.resize(reads.size());
-    slots = heap_slots.data();
+    heap_plans.resize(reads.size());
+    plans = heap_plans;
   }
+  bool any_promotion = false;
   for (size_t i = 0; i < reads.size(); ++i) {
-    slots[i] = kNoSlot;
-    statuses[i] = CheckKey(reads[i].key);
-    if (statuses[i].ok()) statuses[i] = CheckBuffer(reads[i].data, reads[i].bytes);
+    plans[i].status = CheckKey(reads[i].key);
+    if (plans[i].status.ok()) plans[i].status = CheckBuffer(reads[i].data, reads[i].bytes);
   }
   {
     MutexLock lock(&mu);
     for (size_t i = 0; i < reads.size(); ++i) {
-      if (!statuses[i].ok()) continue;
-      Result<SlotId> slot = PinLocked(reads[i].key);
-      if (slot.ok()) {
-        slots[i] = *slot;
-      } else {
-        statuses[i] = slot.status();
-      }
+      if (!plans[i].status.ok()) continue;
+      PlanReadLocked(reads[i].key, plans[i]);
+      any_promotion |= plans[i].promote;
     }
   }
+  if (any_promotion) {
+    std::vector<BlockKey> keys;
+    keys.reserve(reads.size());
+    for (const BlockRead& r : reads) keys.push_back(r.key);
+    Promote(plans, keys);
+  }
   for (size_t i = 0; i < reads.size(); ++i) {
-    if (slots[i] != kNoSlot) std::memcpy(reads[i].data, pool->SlotData(slots[i]), block_bytes);
+    if (plans[i].slot != BlockIndex::kNoSlot && plans[i].status.ok()) {
+      std::memcpy(reads[i].data, pool->SlotData(plans[i].slot), block_bytes);
+    }
   }
   {
     MutexLock lock(&mu);
     for (size_t i = 0; i < reads.size(); ++i) {
-      if (slots[i] == kNoSlot) continue;
-      pool->Unpin(slots[i]);
+      if (plans[i].slot == BlockIndex::kNoSlot) continue;
+      pool->Unpin(plans[i].slot);
+      if (!plans[i].status.ok()) continue;
       ++stats.gets;
       stats.bytes_got += block_bytes;
     }
   }
+  for (size_t i = 0; i < reads.size(); ++i) statuses[i] = std::move(plans[i].status);
   return FirstFailure(statuses);
 }
 
@@ -253,21 +306,30 @@ Result<std::unique_ptr<Store>> Store::Open(const StoreOptions& options, const Mo
     return Status::InvalidArgument("unknown host_memory kind " +
                                    std::to_string(static_cast<int>(options.host_memory)));
   }
+  if (options.io_depth == 0 || options.io_depth > 4096) {
+    return Status::InvalidArgument("io_depth must be in [1, 4096], got " +
+                                   std::to_string(options.io_depth));
+  }
+  if (options.sync > SyncPolicy::kDsync) return Status::InvalidArgument("unknown sync policy");
   KVTIER_ASSIGN_OR_RETURN(
       auto pool,
       HostPool::Create(layout.BytesPerBlock(), options.host_capacity_bytes, options.host_memory));
   if (!pool->region().fallback_reason().empty()) {
-    spdlog::warn("kvtier: host tier is {} memory: {}", HostMemoryKindName(pool->region().kind()),
-                 pool->region().fallback_reason());
+    Log().warn("kvtier: host tier is {} memory: {}", HostMemoryKindName(pool->region().kind()),
+               pool->region().fallback_reason());
   }
-  auto impl = std::make_unique<Impl>(options, layout, std::move(pool));
+  auto impl = std::make_unique<Impl>(options, layout, std::move(pool),
+                                     options.env != nullptr ? options.env : Env::Default());
+  if (!options.directory.empty()) KVTIER_RETURN_IF_ERROR(impl->OpenDisk());
   impl->workers = std::make_unique<WorkerPool>(options.async_threads);
   return std::unique_ptr<Store>(new Store(std::move(impl)));
 }
 
 Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
 Store::~Store() {
   impl_->workers.reset();  // runs what was submitted while everything else still lives
+  impl_->CloseDisk();
 }
 
 const ModelLayout& Store::layout() const { return impl_->layout; }
@@ -279,30 +341,40 @@ Status Store::Put(const BlockKey& key, const void* data, uint64_t bytes) {
 }
 
 Status Store::Get(const BlockKey& key, void* data, uint64_t bytes) {
-  return impl_->Get(key, data, bytes);
+  Status status;
+  const BlockRead read{key, data, bytes};
+  (void)impl_->GetBatch({&read, 1}, {&status, 1});
+  return status;
 }
 
 bool Store::Contains(const BlockKey& key) const {
   MutexLock lock(&impl_->mu);
-  const BlockIndex::Entry* entry = impl_->index.Find(key);
-  return entry != nullptr && entry->host_slot != BlockIndex::kNoSlot;
+  const BlockIndex::Entry* e = impl_->index.Find(key);
+  return e != nullptr && !(e->host_slot == BlockIndex::kNoSlot && (e->disk.flags & kBlockCorrupt));
 }
 
 Status Store::Delete(const BlockKey& key) {
-  MutexLock lock(&impl_->mu);
-  BlockIndex::Entry* entry = impl_->index.Find(key);
+  Impl& d = *impl_;
+  MutexLock lock(&d.mu);
+  BlockIndex::Entry* entry = d.index.Find(key);
   if (entry == nullptr) return Status::NotFound("block " + key.ToString() + " is not in the store");
-  impl_->RemoveLocked(entry);
-  ++impl_->stats.deletes;
+  std::vector<Catalog::Update> deletes;
+  std::vector<Extent> frees;
+  d.DetachLocked(entry, &deletes, &frees);
+  d.index.Erase(entry);
+  if (!deletes.empty()) d.QueueDeletesLocked(std::move(deletes), std::move(frees));
+  ++d.stats.deletes;
   return Status::OK();
 }
 
 Result<uint64_t> Store::DropSequence(uint32_t namespace_id, const SequenceId& sequence) {
   Impl& d = *impl_;
   MutexLock lock(&d.mu);
-  uint64_t n = d.index.EraseSequence(namespace_id, sequence, [&d](BlockIndex::Entry& e) {
-    if (e.host_slot != BlockIndex::kNoSlot) d.pool->Retire(e.host_slot);
-  });
+  std::vector<Catalog::Update> deletes;
+  std::vector<Extent> frees;
+  uint64_t n = d.index.EraseSequence(
+      namespace_id, sequence, [&](BlockIndex::Entry& e) { d.DetachLocked(&e, &deletes, &frees); });
+  if (!deletes.empty()) d.QueueDeletesLocked(std::move(deletes), std::move(frees));
   if (n > 0) {
     ++d.stats.dropped_sequences;
     d.stats.dropped_blocks += n;
@@ -321,8 +393,16 @@ StoreStats Store::Stats() const {
   s.host_blocks = d.pool->published_slots();
   s.host_pinned_slots = d.pool->pinned_slots();
   s.host_memory = d.pool->region().kind();
+  if (d.extents) {
+    s.disk_capacity_bytes = d.extents->total_bytes();
+    s.disk_used_bytes = d.extents->used_bytes();
+    s.disk_free_extents = d.extents->free_extent_count();
+  }
+  s.dirty_blocks = d.dirty_versions.size();
   return s;
 }
+
+Status Store::Flush() { return impl_->Flush(); }
 
 Status Store::PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses) {
   return impl_->PutBatch(writes, statuses);

@@ -1,9 +1,17 @@
 // Store: kvtier's embedded KV-cache block store, the one object an engine talks to.
 //
 // An engine Puts blocks (one layer's K and V for block_tokens tokens, see layout.h)
-// under a BlockKey and Gets them back into its own buffers. Blocks live in tiers: today
-// the host (warm) tier, a fixed region of RAM cut into block slots with LRU eviction.
-// A block evicted with no lower tier to take it is dropped and counted in Stats.
+// under a BlockKey and Gets them back into its own buffers. Blocks live in tiers: the
+// host (warm) tier, a fixed region of RAM cut into block slots with LRU eviction, and,
+// when StoreOptions::directory is set, the disk (cold) tier: slab files written through
+// io_uring, with a RocksDB catalog, that survive restarts and crashes. Without a
+// directory, a block evicted from the host tier is dropped and counted in Stats.
+//
+// Durability: a Put returns once the block is in the host tier. It becomes durable
+// (its bytes on disk, then its catalog entry) in the background; Flush() waits for
+// every Put and Delete that returned before it. After a crash, reopening the directory
+// serves every block that was durable, byte-exact, and never a torn or corrupt one
+// (checksums are verified on every read from disk).
 //
 //   auto store = kvtier::Store::Open(options, kvtier::ModelLayout::Llama3_8B());
 //   if (!store.ok()) { ... store.status().ToString() ... }
@@ -57,6 +65,22 @@ struct StoreStats {
   uint64_t busy_rejections = 0;    // Puts refused because every slot was in use
   uint64_t bytes_put = 0;
   uint64_t bytes_got = 0;
+  uint64_t put_waits = 0;  // Puts that waited for the disk to free a slot
+
+  // Disk tier (all zero for a memory-only store).
+  uint64_t disk_capacity_bytes = 0;  // bytes of slab files
+  uint64_t disk_used_bytes = 0;      // bytes of extents in use
+  uint64_t disk_free_extents = 0;    // fragmentation: number of free extents
+  uint64_t disk_blocks = 0;          // blocks with a durable copy on disk
+  uint64_t dirty_blocks = 0;         // host blocks not yet durable
+  uint64_t corrupt_blocks = 0;       // blocks quarantined after a checksum failure
+  uint64_t disk_writes = 0;          // block writes completed (demotions)
+  uint64_t disk_bytes_written = 0;
+  uint64_t disk_reads = 0;  // block reads completed (promotions)
+  uint64_t disk_bytes_read = 0;
+  uint64_t disk_write_errors = 0;
+  uint64_t disk_read_errors = 0;
+  uint64_t catalog_commits = 0;  // catalog batches committed
 };
 
 // One member of a batch Put: `bytes` must equal Store::block_bytes(); `data` must stay
@@ -96,17 +120,21 @@ class Store {
 
   // Stores a copy of `bytes` bytes at `data` under `key` (replacing any block there).
   // Errors: InvalidArgument (null data, bytes != block_bytes(), a layer outside the
-  // layout), Busy (every host slot is in use by other operations; retry).
+  // layout), Busy (every host slot is in use by other operations, or the disk cannot
+  // keep up and wait_when_full is false; retry), ResourceExhausted (the disk tier is
+  // full and the host tier holds nothing it can evict).
   Status Put(const BlockKey& key, const void* data, uint64_t bytes);
 
   // Copies the block stored under `key` into `data` (which holds `bytes` bytes).
-  // Errors: NotFound (never stored, deleted, or evicted and lost), InvalidArgument.
+  // Errors: NotFound (never stored, deleted, or evicted and lost), InvalidArgument,
+  // Corruption (the copy on disk failed its checksum: the block is quarantined),
+  // IOError (the disk read failed).
   Status Get(const BlockKey& key, void* data, uint64_t bytes);
 
   // Whether a Get of `key` would find the block now.
   bool Contains(const BlockKey& key) const;
 
-  // Removes the block. NotFound when there is none.
+  // Removes the block (from every tier). NotFound when there is none.
   Status Delete(const BlockKey& key);
 
   // Removes every block of the sequence, all layers; returns how many there were
@@ -114,6 +142,11 @@ class Store {
   Result<uint64_t> DropSequence(uint32_t namespace_id, const SequenceId& sequence);
 
   StoreStats Stats() const;
+
+  // Makes every Put, Delete and DropSequence that returned before this call durable.
+  // Nothing to do for a memory-only store. Errors: the first failure to write one of
+  // those blocks (it stays in the host tier, dirty; a later Flush tries again).
+  Status Flush();
 
   // Batches: statuses.size() must equal the batch size (else InvalidArgument and
   // nothing is done); statuses[i] receives the outcome of member i. Returns OK when

@@ -1,0 +1,160 @@
+// Store::Impl: the state behind kvtier::Store and its locking rules. Split across
+// store.cc (open, the host tier, the public calls) and store_disk.cc (the disk tier:
+// write-back, the catalog, promotion, recovery).
+//
+// Locking: one mutex (`mu`) guards the index, the host pool's bookkeeping, the extent
+// map, the write-back queues and the counters. It is never held while block bytes are
+// copied, hashed or read/written on disk, nor during a catalog commit: an operation
+// pins what it needs under the lock, works without it, then commits under it again.
+//
+// Write-back pipeline (disk tier only), all driven by the background thread:
+//   Put -> dirty host slot, pinned, in `write_queue`
+//       -> extent allocated, checksum, DiskTier::Write       (`writes_in_flight`)
+//       -> completed writes gathered, then one DiskTier::Sync  (`sync_group`)
+//       -> a catalog job: entries still current are committed (synced WAL)
+//       -> applied: the entry points at its new extent, the old extent is freed, the
+//          slot is clean (evictable) and unpinned.
+// Deletes queue catalog jobs in the same FIFO, so the catalog sees every key's changes
+// in the order the store made them. An extent is freed only once no durable catalog
+// entry references it and no read is in flight on it.
+#ifndef KVTIER_CORE_STORE_IMPL_H_
+#define KVTIER_CORE_STORE_IMPL_H_
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "kvtier/store.h"
+#include "src/core/block_index.h"
+#include "src/core/worker_pool.h"
+#include "src/util/mutex.h"
+#include "storage/catalog.h"
+#include "storage/disk_tier.h"
+#include "storage/env.h"
+#include "storage/extent_allocator.h"
+#include "storage/host_pool.h"
+
+namespace kvtier {
+
+struct Store::Impl {
+  Impl(const StoreOptions& o, const ModelLayout& l, std::unique_ptr<HostPool> p, Env* e)
+      : options(o), layout(l), block_bytes(l.BytesPerBlock()), env(e), pool(std::move(p)) {}
+
+  // --- store.cc -----------------------------------------------------------------------
+  Status CheckKey(const BlockKey& key) const;
+  Status CheckBuffer(const void* data, uint64_t bytes) const;
+  // A slot for one block: free, or a clean block evicted; may wait for the disk
+  // (releasing `mu`) when wait_when_full. A Put (for_put) leaves read_reserve_slots.
+  Result<SlotId> ReserveLocked(bool for_put) KVTIER_REQUIRES(mu);
+  void EvictLocked(SlotId victim) KVTIER_REQUIRES(mu);
+  void CommitLocked(const BlockKey& key, SlotId slot) KVTIER_REQUIRES(mu);
+  // Releases what an entry holds in every tier (Delete, DropSequence, memory-only
+  // eviction), before the caller erases it from the index. With a durable copy, its
+  // catalog removal and extent go into the vectors (null: memory-only, none possible).
+  void DetachLocked(BlockIndex::Entry* entry, std::vector<Catalog::Update>* catalog_deletes,
+                    std::vector<Extent>* extents_to_free) KVTIER_REQUIRES(mu);
+  Status Put(const BlockKey& key, const void* data, uint64_t bytes);
+  Status PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses);
+  Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses);
+
+  // How one member of a Get is served.
+  struct ReadPlan {
+    SlotId slot = BlockIndex::kNoSlot;  // pinned: the host copy, or the promotion target
+    bool promote = false;               // read `loc` from disk into `slot` first
+    DiskLocation loc;
+    Status status;
+  };
+  void PlanReadLocked(const BlockKey& key, ReadPlan& plan) KVTIER_REQUIRES(mu);
+
+  // --- store_disk.cc ------------------------------------------------------------------
+  Status OpenDisk();
+  Status RecoverLocked() KVTIER_REQUIRES(mu);
+  void CloseDisk();
+  void EnqueueWriteLocked(const BlockKey& key, uint64_t version, SlotId slot) KVTIER_REQUIRES(mu);
+  void BackgroundLoop();
+  // Reads the plans marked `promote` from disk (waits), verifies their checksums and
+  // publishes the promoted slots; a failure lands in the plan's status.
+  void Promote(std::span<ReadPlan> plans, std::span<const BlockKey> keys);
+  void QueueDeletesLocked(std::vector<Catalog::Update> deletes, std::vector<Extent> frees)
+      KVTIER_REQUIRES(mu);
+  void FreeExtentLocked(const Extent& extent) KVTIER_REQUIRES(mu);
+  void ReadPinLocked(const DiskLocation& loc) KVTIER_REQUIRES(mu);
+  void ReadUnpinLocked(const DiskLocation& loc) KVTIER_REQUIRES(mu);
+  Status Flush();
+  uint64_t Checksum(const void* data) const;
+
+  const StoreOptions options;
+  const ModelLayout layout;
+  const uint64_t block_bytes;
+  Env* const env;
+
+  mutable Mutex mu;
+  std::condition_variable_any slot_cv;   // a slot may have become free or clean
+  std::condition_variable_any bg_cv;     // work for the background thread
+  std::condition_variable_any flush_cv;  // write-back or catalog progress
+  // Bookkeeping calls need `mu`; SlotData() does not (see host_pool.h).
+  const std::unique_ptr<HostPool> pool;
+  BlockIndex index KVTIER_GUARDED_BY(mu);
+  StoreStats stats KVTIER_GUARDED_BY(mu);
+  uint64_t next_version KVTIER_GUARDED_BY(mu) = 1;
+
+  // --- Disk tier (all null / empty for a memory-only store) ----------------------------
+  bool has_disk = false;  // set once at Open
+  std::unique_ptr<FileLock> lock_file;
+  std::unique_ptr<Catalog> catalog;
+  std::unique_ptr<DiskTier> disk;
+  std::unique_ptr<ExtentAllocator> extents KVTIER_PT_GUARDED_BY(mu);
+  uint64_t generation KVTIER_GUARDED_BY(mu) = 0;
+  bool disk_full KVTIER_GUARDED_BY(mu) = false;
+  uint32_t read_reserve_slots = 0;  // set at Open: slots / 8 in [1, 8] (0 for one slot)
+
+  struct WriteItem {
+    BlockKey key;
+    uint64_t version = 0;
+    SlotId slot = BlockIndex::kNoSlot;
+    bool has_extent = false;
+    Extent extent{};
+    DiskLocation loc{};
+    Status status{};
+  };
+  struct CatalogJob {
+    std::vector<WriteItem> writes{};  // a synced group of writes to commit
+    Status sync_status{};
+    std::vector<Catalog::Update> deletes{};  // or removals to commit
+    std::vector<Extent> frees_after{};       // extents freed once the removals are durable
+    std::optional<std::pair<BlockKey, DiskLocation>> mark_corrupt{};
+  };
+  std::deque<WriteItem> write_queue KVTIER_GUARDED_BY(mu);
+  uint32_t writes_in_flight KVTIER_GUARDED_BY(mu) = 0;
+  std::vector<WriteItem> writes_done KVTIER_GUARDED_BY(mu);
+  std::vector<WriteItem> sync_group KVTIER_GUARDED_BY(mu);
+  bool sync_in_flight KVTIER_GUARDED_BY(mu) = false;
+  std::deque<CatalogJob> catalog_jobs KVTIER_GUARDED_BY(mu);
+  uint64_t jobs_enqueued KVTIER_GUARDED_BY(mu) = 0;
+  uint64_t jobs_done KVTIER_GUARDED_BY(mu) = 0;
+  uint64_t writeback_pins KVTIER_GUARDED_BY(mu) = 0;  // slots pinned by the pipeline
+  // Versions of dirty host copies (what Flush waits for), and those whose last write
+  // failed, with why.
+  std::set<uint64_t> dirty_versions KVTIER_GUARDED_BY(mu);
+  std::map<uint64_t, std::pair<BlockKey, Status>> failed_writes KVTIER_GUARDED_BY(mu);
+  Status catalog_error KVTIER_GUARDED_BY(mu);  // sticky: the catalog refused a commit
+  // Reads in flight per extent ((file << 48) | offset / 4096), and frees waiting for them.
+  std::unordered_map<uint64_t, uint32_t> extent_readers KVTIER_GUARDED_BY(mu);
+  std::unordered_map<uint64_t, Extent> deferred_frees KVTIER_GUARDED_BY(mu);
+  bool stopping KVTIER_GUARDED_BY(mu) = false;
+  std::thread background;
+
+  // Declared last: destroyed first.
+  std::unique_ptr<WorkerPool> workers;
+};
+
+}  // namespace kvtier
+
+#endif  // KVTIER_CORE_STORE_IMPL_H_
