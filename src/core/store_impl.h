@@ -34,6 +34,7 @@
 #include "kvtier/store.h"
 #include "src/core/block_index.h"
 #include "src/core/worker_pool.h"
+#include "kernels/host_device.h"
 #include "src/util/mutex.h"
 #include "storage/catalog.h"
 #include "storage/disk_tier.h"
@@ -72,6 +73,12 @@ struct Store::Impl {
     Status status;
   };
   void PlanReadLocked(const BlockKey& key, ReadPlan& plan) KVTIER_REQUIRES(mu);
+
+  // --- store_paged.cc -----------------------------------------------------------------
+  Status PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                           const void* k_base, const void* v_base,
+                           std::span<const int32_t> page_table, StreamHandle stream,
+                           std::span<Status> statuses);
 
   // --- store_disk.cc ------------------------------------------------------------------
   Status OpenDisk();
@@ -150,6 +157,15 @@ struct Store::Impl {
   std::unordered_map<uint64_t, Extent> deferred_frees KVTIER_GUARDED_BY(mu);
   bool stopping KVTIER_GUARDED_BY(mu) = false;
   std::thread background;
+
+  // Pinned (so device-readable) scratch for a gather's page table and slot addresses;
+  // grown on demand, freed with the store.
+  Mutex scratch_mu;
+  struct PinnedScratch {
+    void* data = nullptr;
+    uint64_t bytes = 0;
+    ~PinnedScratch();
+  } scratch KVTIER_GUARDED_BY(scratch_mu);
 
   // Declared last: destroyed first.
   std::unique_ptr<WorkerPool> workers;

@@ -39,7 +39,10 @@
 #include "kvtier/block_key.h"
 #include "kvtier/layout.h"
 #include "kvtier/options.h"
+#include "kvtier/paged_cache.h"
 #include "kvtier/status.h"
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*; no CUDA header needed here
 
 namespace kvtier {
 
@@ -147,6 +150,21 @@ class Store {
   // Nothing to do for a memory-only store. Errors: the first failure to write one of
   // those blocks (it stays in the host tier, dirty; a later Flush tries again).
   Status Flush();
+
+  // Puts keys.size() blocks straight from an engine's paged KV cache for one layer
+  // (kvtier/paged_cache.h): block i is made of the page-table entries
+  // [i * n, (i + 1) * n), n = block_tokens / gcd(page_size, block_tokens). `cache` must
+  // match the store's layout (dtype, KV heads, head dim, block tokens).
+  // With a GPU (the host tier is CUDA-pinned), k_base / v_base are the engine's device
+  // memory: a gather kernel on `stream` (the engine's, so it runs after the kernels that
+  // wrote the cache) writes the blocks directly into the host tier's pinned slots, with
+  // no staging copy, and the call returns once it has run. Without a GPU the cache is
+  // host memory (the emulated device) and the CPU reference gathers; `stream` is
+  // ignored. statuses[i] gets member i's outcome, as in PutBatch.
+  Status PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                           const void* k_base, const void* v_base,
+                           std::span<const int32_t> page_table, CUstream_st* stream,
+                           std::span<Status> statuses);
 
   // Batches: statuses.size() must equal the batch size (else InvalidArgument and
   // nothing is done); statuses[i] receives the outcome of member i. Returns OK when

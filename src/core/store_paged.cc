@@ -1,0 +1,130 @@
+// Store::PutFromPagedCache: blocks gathered straight from an engine's paged KV cache
+// into the host tier's slots (kernels/paged_copy.h).
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda_runtime.h"
+#include "kernels/paged_copy.h"
+#include "src/core/store_impl.h"
+
+namespace kvtier {
+
+Store::Impl::PinnedScratch::~PinnedScratch() {
+  if (data != nullptr) (void)cuda::HostFree(data);
+}
+
+Status Store::Impl::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                                      const void* k_base, const void* v_base,
+                                      std::span<const int32_t> page_table, StreamHandle stream,
+                                      std::span<Status> statuses) {
+  if (statuses.size() != keys.size()) {
+    return Status::InvalidArgument("PutFromPagedCache: " + std::to_string(statuses.size()) +
+                                   " statuses for " + std::to_string(keys.size()) + " blocks");
+  }
+  if (cache.dtype != layout.dtype || cache.num_kv_heads != layout.num_kv_heads ||
+      cache.head_dim != layout.head_dim || cache.block_tokens != layout.block_tokens) {
+    return Status::InvalidArgument(
+        "PutFromPagedCache: the paged cache (dtype " + std::string(DTypeName(cache.dtype)) +
+        ", kv_heads " + std::to_string(cache.num_kv_heads) + ", head_dim " +
+        std::to_string(cache.head_dim) + ", block_tokens " + std::to_string(cache.block_tokens) +
+        ") does not match the store's layout (" + layout.ToString() + ")");
+  }
+  const uint64_t entries = PageTableEntriesPerBlock(cache);
+  if (keys.size() > UINT32_MAX || page_table.size() != keys.size() * entries) {
+    return Status::InvalidArgument("PutFromPagedCache: a page table of " +
+                                   std::to_string(page_table.size()) + " entries for " +
+                                   std::to_string(keys.size()) + " blocks of " +
+                                   std::to_string(entries) + " entries each");
+  }
+  std::vector<void*> slots(keys.size());
+  KVTIER_RETURN_IF_ERROR(ValidatePagedCopy("PutFromPagedCache", cache, k_base, v_base,
+                                           page_table.data(), uint32_t(keys.size()), slots.data()));
+  // The kernel cannot report a bad entry (it skips the block): check them all here.
+  const PagedGeometry geometry = MakePagedGeometry(cache);
+  for (size_t i = 0; i < page_table.size(); ++i) {
+    if (!PagedChunkValid(geometry, page_table[i])) {
+      return Status::InvalidArgument("PutFromPagedCache: page-table entry " + std::to_string(i) +
+                                     " (" + std::to_string(page_table[i]) +
+                                     ") names no chunk of the cache");
+    }
+  }
+  for (const BlockKey& key : keys) KVTIER_RETURN_IF_ERROR(CheckKey(key));
+  if (keys.empty()) return Status::OK();
+
+  // Slots for every block, or for none: a partial gather has no use.
+  std::vector<SlotId> ids(keys.size(), BlockIndex::kNoSlot);
+  Status reserve;
+  {
+    MutexLock lock(&mu);
+    for (size_t i = 0; i < keys.size() && reserve.ok(); ++i) {
+      Result<SlotId> slot = ReserveLocked(/*for_put=*/true);
+      if (slot.ok()) {
+        ids[i] = *slot;
+        slots[i] = pool->SlotData(*slot);
+      } else {
+        reserve = slot.status();
+      }
+    }
+    if (!reserve.ok()) {
+      for (SlotId id : ids) {
+        if (id != BlockIndex::kNoSlot) pool->Unpin(id);  // never published: freed
+      }
+    }
+  }
+  KVTIER_RETURN_IF_ERROR(reserve);
+
+  Status gathered;
+  if (pool->region().kind() == HostMemoryKind::kCudaPinned) {
+    // The kernel reads the page table and the slot addresses from pinned memory (mapped
+    // into the device's address space) and writes the blocks into the pinned slots.
+    MutexLock lock(&scratch_mu);
+    const uint64_t table_bytes = page_table.size() * sizeof(int32_t);
+    const uint64_t slots_offset = (table_bytes + 15) / 16 * 16;
+    const uint64_t need = slots_offset + slots.size() * sizeof(void*);
+    if (scratch.bytes < need) {
+      if (scratch.data != nullptr) (void)cuda::HostFree(scratch.data);
+      scratch.data = nullptr;
+      scratch.bytes = 0;
+      gathered = cuda::HostAlloc(need, &scratch.data);
+      if (gathered.ok()) scratch.bytes = need;
+    }
+    if (gathered.ok()) {
+      auto* base = static_cast<char*>(scratch.data);
+      std::memcpy(base, page_table.data(), table_bytes);
+      std::memcpy(base + slots_offset, slots.data(), slots.size() * sizeof(void*));
+      gathered = LaunchGatherBlocks(cache, k_base, v_base, reinterpret_cast<int32_t*>(base),
+                                    uint32_t(keys.size()),
+                                    reinterpret_cast<void* const*>(base + slots_offset), stream);
+    }
+    if (gathered.ok()) {
+      Result<cuda::Event> done = cuda::Event::Create();
+      gathered = done.ok() ? done->Record(stream) : done.status();
+      if (gathered.ok()) gathered = done->Synchronize();
+    }
+  } else {
+    gathered = GatherBlocksRef(cache, k_base, v_base, page_table.data(), uint32_t(keys.size()),
+                               slots.data(), nullptr);
+  }
+
+  MutexLock lock(&mu);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (gathered.ok()) {
+      CommitLocked(keys[i], ids[i]);
+      statuses[i] = Status::OK();
+    } else {
+      pool->Unpin(ids[i]);
+      statuses[i] = gathered;
+    }
+  }
+  return gathered.WithContext("PutFromPagedCache");
+}
+
+Status Store::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                                const void* k_base, const void* v_base,
+                                std::span<const int32_t> page_table, CUstream_st* stream,
+                                std::span<Status> statuses) {
+  return impl_->PutFromPagedCache(keys, cache, k_base, v_base, page_table, stream, statuses);
+}
+
+}  // namespace kvtier
