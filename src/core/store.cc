@@ -202,6 +202,7 @@ Status Store::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
     KVTIER_ASSIGN_OR_RETURN(slot, ReserveLocked(/*for_put=*/true));
   }
   std::memcpy(pool->SlotData(slot), data, bytes);
+  ChecksumSlot(slot);
   MutexLock lock(&mu);
   CommitLocked(key, slot);
   return Status::OK();
@@ -232,6 +233,7 @@ Status Store::Impl::PutBatch(std::span<const BlockWrite> writes, std::span<Statu
   for (size_t i = 0; i < writes.size(); ++i) {
     if (slots[i] != BlockIndex::kNoSlot) {
       std::memcpy(pool->SlotData(slots[i]), writes[i].data, block_bytes);
+      ChecksumSlot(slots[i]);
     }
   }
   {

@@ -116,6 +116,7 @@ Status Store::Impl::OpenDisk() {
     extents = std::make_unique<ExtentAllocator>(sizes);
     KVTIER_RETURN_IF_ERROR(RecoverLocked());
   }
+  slot_checksums.assign(pool->slot_count(), 0);
   read_reserve_slots = std::min<uint32_t>(
       8, std::max<uint32_t>(pool->slot_count() > 1 ? 1 : 0, pool->slot_count() / 8));
   has_disk = true;
@@ -345,7 +346,7 @@ void Store::Impl::BackgroundLoop() {
       mu.Unlock();
       for (WriteItem& item : to_start) {
         std::byte* data = pool->SlotData(item.slot);
-        item.loc.checksum = Checksum(data);
+        item.loc.checksum = slot_checksums[item.slot];  // computed by the slot's filler
         const uint32_t file = item.loc.file;
         const uint64_t offset = item.loc.offset, length = item.loc.length;
         disk->Write(file, offset, data, length, [this, item = std::move(item)](Status s) mutable {

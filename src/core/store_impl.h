@@ -31,10 +31,10 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kernels/host_device.h"
 #include "kvtier/store.h"
 #include "src/core/block_index.h"
 #include "src/core/worker_pool.h"
-#include "kernels/host_device.h"
 #include "src/util/mutex.h"
 #include "storage/catalog.h"
 #include "storage/disk_tier.h"
@@ -56,6 +56,11 @@ struct Store::Impl {
   Result<SlotId> ReserveLocked(bool for_put) KVTIER_REQUIRES(mu);
   void EvictLocked(SlotId victim) KVTIER_REQUIRES(mu);
   void CommitLocked(const BlockKey& key, SlotId slot) KVTIER_REQUIRES(mu);
+  // With a disk tier: the checksum of a freshly filled slot, computed by the thread that
+  // filled it (while the bytes are in its cache) rather than by the write-back thread.
+  void ChecksumSlot(SlotId slot) {
+    if (has_disk) slot_checksums[slot] = Checksum(pool->SlotData(slot));
+  }
   // Releases what an entry holds in every tier (Delete, DropSequence, memory-only
   // eviction), before the caller erases it from the index. With a durable copy, its
   // catalog removal and extent go into the vectors (null: memory-only, none possible).
@@ -114,6 +119,9 @@ struct Store::Impl {
 
   // --- Disk tier (all null / empty for a memory-only store) ----------------------------
   bool has_disk = false;  // set once at Open
+  // XXH3 of each slot's block, written by the slot's filler before it is published and
+  // read by the write-back thread (ordered by `mu`); meaningful for dirty slots only.
+  std::vector<uint64_t> slot_checksums;
   std::unique_ptr<FileLock> lock_file;
   std::unique_ptr<Catalog> catalog;
   std::unique_ptr<DiskTier> disk;

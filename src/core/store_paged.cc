@@ -107,6 +107,9 @@ Status Store::Impl::PutFromPagedCache(std::span<const BlockKey> keys, const Page
                                slots.data(), nullptr);
   }
 
+  if (gathered.ok()) {
+    for (SlotId id : ids) ChecksumSlot(id);
+  }
   MutexLock lock(&mu);
   for (size_t i = 0; i < keys.size(); ++i) {
     if (gathered.ok()) {
