@@ -1,7 +1,9 @@
 // kvtier-bench: kvtier's benchmarks. One subcommand per tier or feature, one file each
-// (host_bench.cc, ...), each registering itself on the CLI11 app.
+// (host_bench.cc, disk_bench.cc, ...), each registering itself on the CLI11 app.
 #include <CLI/CLI.hpp>
 
+#include "bench/disk_bench.h"
+#include "bench/gpu_bench.h"
 #include "bench/host_bench.h"
 
 int main(int argc, char** argv) {
@@ -9,6 +11,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   int exit_code = 0;
   kvtier::bench::AddHostCommand(app, &exit_code);
+  kvtier::bench::AddDiskCommand(app, &exit_code);
+  kvtier::bench::AddGpuCommand(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

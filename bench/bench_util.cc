@@ -1,10 +1,16 @@
 #include "bench/bench_util.h"
 
+#include <sys/statvfs.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 
 namespace kvtier::bench {
 namespace {
@@ -36,6 +42,45 @@ double Median(std::vector<double> values) {
   const double upper = values[mid];
   const double lower = *std::max_element(values.begin(), values.begin() + mid);
   return (lower + upper) / 2;
+}
+
+bool DropPageCache() {
+  sync();
+  std::FILE* f = std::fopen("/proc/sys/vm/drop_caches", "w");
+  if (f == nullptr) return false;
+  const bool written = std::fputs("3\n", f) >= 0;
+  return std::fclose(f) == 0 && written;
+}
+
+std::string FileSystemInfo::ToString() const {
+  return type + " on " + device + " (mounted at " + mount_point + ")";
+}
+
+FileSystemInfo DescribeFileSystem(const std::string& path) {
+  FileSystemInfo info{.type = "unknown", .device = "unknown", .mount_point = "?"};
+  std::error_code ec;
+  const std::string canonical = std::filesystem::canonical(path, ec).string();
+  std::ifstream mounts("/proc/self/mounts");
+  std::string line;
+  size_t best = 0;
+  while (std::getline(mounts, line)) {
+    std::istringstream fields(line);
+    std::string device, mount_point, type;
+    if (!(fields >> device >> mount_point >> type)) continue;
+    const bool covers = canonical.starts_with(mount_point) &&
+                        (mount_point == "/" || canonical.size() == mount_point.size() ||
+                         canonical[mount_point.size()] == '/');
+    // Later entries mount over earlier ones at the same point.
+    if (covers && mount_point.size() >= best) {
+      best = mount_point.size();
+      info.type = type;
+      info.device = device;
+      info.mount_point = mount_point;
+    }
+  }
+  struct statvfs st;
+  if (statvfs(path.c_str(), &st) == 0) info.free_bytes = uint64_t{st.f_bavail} * st.f_frsize;
+  return info;
 }
 
 CacheScrubber::CacheScrubber(uint64_t bytes)

@@ -1,5 +1,6 @@
-// Helpers shared by kvtier-bench's subcommands: timing, medians, a cache scrubber and a
-// one-line JSON object writer.
+// Helpers shared by kvtier-bench's subcommands: timing, medians, a cache scrubber, a
+// one-line JSON object writer, and (for the disk benchmark) the page cache and the file
+// system a path is on.
 //
 // Thread safety: CacheScrubber and JsonLine are plain objects, one thread at a time.
 #ifndef KVTIER_BENCH_BENCH_UTIL_H_
@@ -30,6 +31,22 @@ double TimeSeconds(Fn&& fn) {
   fn();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
+
+// Writes dirty pages back (sync) and drops the page cache, dentries and inodes
+// (/proc/sys/vm/drop_caches). Needs root; false when the cache could not be dropped.
+bool DropPageCache();
+
+// The file system holding `path` (which must exist), from /proc/self/mounts: the entry
+// whose mount point is the longest prefix of the path's canonical form.
+struct FileSystemInfo {
+  std::string type;         // e.g. "ext4"; "unknown" when no entry matched
+  std::string device;       // e.g. "/dev/vda"
+  std::string mount_point;  // e.g. "/"
+  uint64_t free_bytes = 0;  // available to an unprivileged user (statvfs f_bavail)
+  // "ext4 on /dev/vda (mounted at /)".
+  std::string ToString() const;
+};
+FileSystemInfo DescribeFileSystem(const std::string& path);
 
 // Pushes a benchmark's data out of the CPU caches: Scrub() reads a private buffer of
 // `bytes` (pick several times the last-level cache), one load per 64-byte line. Only

@@ -7,6 +7,7 @@ packages=(
   librocksdb-dev liburing-dev libfaiss-dev libopenblas-dev liblapack-dev
   libboost-dev libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev libtomlplusplus-dev libxxhash-dev
+  fio  # the baseline of `kvtier-bench disk` (the bench skips it when missing)
 )
 missing=()
 for p in "${packages[@]}"; do
