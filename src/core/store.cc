@@ -251,13 +251,16 @@ Status Store::Impl::GetBatch(std::span<const BlockRead> reads, std::span<Status>
                                    " statuses for " + std::to_string(reads.size()) + " reads");
   }
   constexpr size_t kInline = 64;
-  ReadPlan inline_plans[kInline];
-  std::vector<ReadPlan> heap_plans;
-  std::span<ReadPlan> plans(inline_plans, std::min(reads.size(), kInline));
-  if (reads.size() > kInline) {
-    heap_plans.resize(reads.size());
-    plans = heap_plans;
+  if (reads.size() <= kInline) {
+    ReadPlan plans[kInline];  // one decode step's layers: no allocation
+    return RunReads(reads, std::span(plans, reads.size()), statuses);
   }
+  std::vector<ReadPlan> plans(reads.size());
+  return RunReads(reads, plans, statuses);
+}
+
+Status Store::Impl::RunReads(std::span<const BlockRead> reads, std::span<ReadPlan> plans,
+                             std::span<Status> statuses) {
   bool any_promotion = false;
   for (size_t i = 0; i < reads.size(); ++i) {
     plans[i].status = CheckKey(reads[i].key);
@@ -344,8 +347,9 @@ Status Store::Put(const BlockKey& key, const void* data, uint64_t bytes) {
 
 Status Store::Get(const BlockKey& key, void* data, uint64_t bytes) {
   Status status;
+  Impl::ReadPlan plan;
   const BlockRead read{key, data, bytes};
-  (void)impl_->GetBatch({&read, 1}, {&status, 1});
+  (void)impl_->RunReads({&read, 1}, {&plan, 1}, {&status, 1});
   return status;
 }
 

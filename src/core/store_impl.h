@@ -78,6 +78,9 @@ struct Store::Impl {
     Status status;
   };
   void PlanReadLocked(const BlockKey& key, ReadPlan& plan) KVTIER_REQUIRES(mu);
+  // Serves `reads` (plans: one fresh ReadPlan each, statuses: their outcomes).
+  Status RunReads(std::span<const BlockRead> reads, std::span<ReadPlan> plans,
+                  std::span<Status> statuses);
 
   // --- store_paged.cc -----------------------------------------------------------------
   Status PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
