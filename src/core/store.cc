@@ -69,12 +69,7 @@ Result<SlotId> Store::Impl::ReserveLocked(bool for_put) {
     // Nothing free or clean: every slot is pinned, or dirty (not on disk yet).
     if (has_disk && !options.write_through && !disk_full) {
       // Write-back: start writing the oldest dirty blocks so that slots come clean.
-      for (uint32_t i = 0; i < options.io_depth; ++i) {
-        std::optional<SlotId> dirty = pool->DirtyLruOldest();
-        if (!dirty) break;
-        const BlockIndex::Entry* e = index.Find(pool->KeyOf(*dirty));
-        EnqueueWriteLocked(pool->KeyOf(*dirty), e->version, *dirty);
-      }
+      QueueDirtyLruLocked(options.io_depth);
     }
     const bool disk_will_free = has_disk && writeback_pins > 0;
     if (!disk_will_free) {

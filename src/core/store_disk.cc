@@ -205,16 +205,29 @@ void Store::Impl::FreeExtentLocked(const Extent& extent) {
   if (disk_full) {
     disk_full = false;
     // Writes refused for lack of space may go now.
-    for (auto it = failed_writes.begin(); it != failed_writes.end();) {
-      const BlockIndex::Entry* e = index.Find(it->second.first);
-      if (it->second.second.code() == StatusCode::kResourceExhausted && e != nullptr &&
-          e->version == it->first && e->host_slot != BlockIndex::kNoSlot) {
-        EnqueueWriteLocked(it->second.first, it->first, e->host_slot);
-        it = failed_writes.erase(it);
-      } else {
-        ++it;
-      }
+    RetryFailedWritesLocked(UINT64_MAX, /*only_no_space=*/true);
+  }
+}
+
+void Store::Impl::RetryFailedWritesLocked(uint64_t max_version, bool only_no_space) {
+  for (auto it = failed_writes.begin(); it != failed_writes.end() && it->first <= max_version;) {
+    const auto& [key, status] = it->second;
+    const BlockIndex::Entry* e = index.Find(key);
+    if ((!only_no_space || status.code() == StatusCode::kResourceExhausted) && e != nullptr &&
+        e->version == it->first && e->host_slot != BlockIndex::kNoSlot) {
+      EnqueueWriteLocked(key, it->first, e->host_slot);
+      it = failed_writes.erase(it);
+    } else {
+      ++it;
     }
+  }
+}
+
+void Store::Impl::QueueDirtyLruLocked(uint32_t max_blocks) {
+  for (uint32_t i = 0; i < max_blocks; ++i) {
+    std::optional<SlotId> slot = pool->DirtyLruOldest();
+    if (!slot) return;
+    EnqueueWriteLocked(pool->KeyOf(*slot), index.Find(pool->KeyOf(*slot))->version, *slot);
   }
 }
 
@@ -486,24 +499,10 @@ Status Store::Impl::Flush() {
   const uint64_t target_version = next_version - 1;
   const uint64_t target_jobs = jobs_enqueued;
   // Blocks whose last write failed get another try.
-  for (auto it = failed_writes.begin(); it != failed_writes.end();) {
-    const BlockIndex::Entry* e = index.Find(it->second.first);
-    if (it->first <= target_version && e != nullptr && e->version == it->first &&
-        e->host_slot != BlockIndex::kNoSlot) {
-      EnqueueWriteLocked(it->second.first, it->first, e->host_slot);
-      it = failed_writes.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  RetryFailedWritesLocked(target_version, /*only_no_space=*/false);
   for (;;) {
-    if (!options.write_through) {
-      // Write-back: queue every dirty block not in use (in use ones come back here).
-      while (std::optional<SlotId> slot = pool->DirtyLruOldest()) {
-        const BlockIndex::Entry* e = index.Find(pool->KeyOf(*slot));
-        EnqueueWriteLocked(pool->KeyOf(*slot), e->version, *slot);
-      }
-    }
+    // Write-back: queue every dirty block not in use (in use ones come back here).
+    if (!options.write_through) QueueDirtyLruLocked(UINT32_MAX);
     bool pending = jobs_done < target_jobs;
     for (auto it = dirty_versions.begin(); !pending && it != dirty_versions.end(); ++it) {
       if (*it > target_version) break;

@@ -97,6 +97,11 @@ struct Store::Impl {
   // Reads the plans marked `promote` from disk (waits), verifies their checksums and
   // publishes the promoted slots; a failure lands in the plan's status.
   void Promote(std::span<ReadPlan> plans, std::span<const BlockKey> keys);
+  // Queues again the failed writes of versions <= max_version whose block is still
+  // current (only those refused for lack of space, when only_no_space).
+  void RetryFailedWritesLocked(uint64_t max_version, bool only_no_space) KVTIER_REQUIRES(mu);
+  // Queues up to max_blocks of the least recently used dirty, unpinned slots for writing.
+  void QueueDirtyLruLocked(uint32_t max_blocks) KVTIER_REQUIRES(mu);
   void QueueDeletesLocked(std::vector<Catalog::Update> deletes, std::vector<Extent> frees)
       KVTIER_REQUIRES(mu);
   void FreeExtentLocked(const Extent& extent) KVTIER_REQUIRES(mu);
