@@ -5,6 +5,7 @@
 #include "bench/disk_bench.h"
 #include "bench/gpu_bench.h"
 #include "bench/host_bench.h"
+#include "bench/retrieval_bench.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"kvtier-bench: kvtier's benchmarks, one subcommand per tier"};
@@ -13,6 +14,7 @@ int main(int argc, char** argv) {
   kvtier::bench::AddHostCommand(app, &exit_code);
   kvtier::bench::AddDiskCommand(app, &exit_code);
   kvtier::bench::AddGpuCommand(app, &exit_code);
+  kvtier::bench::AddRetrievalCommand(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -218,6 +218,7 @@ class RocksDbCatalog final : public Catalog {
                                 const Visitor& visit) override;
   Status PutRepresentatives(const BlockKey& key, std::span<const std::byte> data) override;
   Result<std::optional<std::vector<std::byte>>> GetRepresentatives(const BlockKey& key) override;
+  Status ForEachRepresentatives(const RepresentativesVisitor& visit) override;
   Status Close() override;
 
  private:
@@ -300,6 +301,13 @@ Status RocksDbCatalog::Commit(std::span<const Update> updates) {
     rocksdb::Status s;
     if (update.location) {
       s = batch.Put(blocks_family(), key, EncodeDiskLocation(*update.location));
+      if (s.ok() && !update.representatives.empty()) {
+        const auto* data = reinterpret_cast<const char*>(update.representatives.data());
+        s = batch.Put(representatives_family(), key,
+                      rocksdb::Slice(data, update.representatives.size()));
+      } else if (s.ok()) {
+        s = batch.Delete(representatives_family(), key);
+      }
     } else {
       // A removed block takes its representatives with it.
       s = batch.Delete(blocks_family(), key);
@@ -400,6 +408,25 @@ Result<std::optional<std::vector<std::byte>>> RocksDbCatalog::GetRepresentatives
   if (!s.ok()) return Error(s, "reading the representatives of " + key.ToString());
   const auto* begin = reinterpret_cast<const std::byte*>(value.data());
   return std::optional<std::vector<std::byte>>(std::in_place, begin, begin + value.size());
+}
+
+Status RocksDbCatalog::ForEachRepresentatives(const RepresentativesVisitor& visit) {
+  InUse in_use(this);
+  KVTIER_RETURN_IF_ERROR(in_use.status());
+  rocksdb::ReadOptions options;
+  options.fill_cache = false;  // a whole scan, at open: keep the cache for lookups
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(options, representatives_family()));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    std::string_view key_bytes(it->key().data(), it->key().size());
+    Result<BlockKey> key = DecodeBlockKey(key_bytes);
+    if (!key.ok()) {
+      return Status::Corruption("catalog " + dir_ + ": representatives with key " + Hex(key_bytes) +
+                                ": " + key.status().message());
+    }
+    const auto* data = reinterpret_cast<const std::byte*>(it->value().data());
+    if (!visit(*key, std::span<const std::byte>(data, it->value().size()))) break;
+  }
+  return Error(it->status(), "iterating over the representatives");
 }
 
 Status RocksDbCatalog::Close() {

@@ -1,7 +1,8 @@
 // Catalog: the disk tier's durable map, in RocksDB. For each block on disk, where it
 // is (slab file, offset, length), its checksum, flags and generation; plus the store's
 // metadata (format version, model layout and its fingerprint, slab files) and a column
-// family reserved for block representatives (filled by retrieval).
+// family of block representatives (retrieval's summaries: opaque bytes here), written
+// with the block's entry in one batch and removed with it.
 //
 // Durability: Commit returns only after its batch is in RocksDB's synced WAL. The
 // store commits a block's entry only after the block's bytes are durable on disk, so a
@@ -75,11 +76,14 @@ class Catalog {
   virtual Result<std::optional<CatalogMeta>> ReadMeta() = 0;
   virtual Status WriteMeta(const CatalogMeta& meta) = 0;  // durable on return
 
-  // One change: a block's new location, or (location == nullopt) its removal, with
-  // its representatives.
+  // One change to a block: a new location with its representatives, or (location ==
+  // nullopt) its removal, representatives included. With a location, `representatives`
+  // replace the block's stored ones in the same batch; empty removes them (a block
+  // rewritten without a summary never keeps its predecessor's).
   struct Update {
     BlockKey key;
     std::optional<DiskLocation> location;
+    std::vector<std::byte> representatives = {};
   };
   // Applies the updates atomically and durably (synced WAL) in order.
   virtual Status Commit(std::span<const Update> updates) = 0;
@@ -98,8 +102,15 @@ class Catalog {
                                         const Visitor& visit) = 0;
 
   // Representatives column family (opaque bytes per block; retrieval defines them).
+  // PutRepresentatives is durable on return; it does not check that the block exists.
   virtual Status PutRepresentatives(const BlockKey& key, std::span<const std::byte> data) = 0;
   virtual Result<std::optional<std::vector<std::byte>>> GetRepresentatives(const BlockKey& key) = 0;
+
+  // Calls `visit` for every block's representatives in key order until it returns false,
+  // from one consistent snapshot taken when the scan starts. The span is valid only
+  // during the call. Same rules for `visit` as ForEachBlock; Corruption for a bad key.
+  using RepresentativesVisitor = std::function<bool(const BlockKey&, std::span<const std::byte>)>;
+  virtual Status ForEachRepresentatives(const RepresentativesVisitor& visit) = 0;
 
   // Makes everything committed so far durable (it already is: for a clean close).
   // Waits for calls in progress, then closes the database; every later call but Close

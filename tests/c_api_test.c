@@ -137,6 +137,17 @@ static void TestNamesAndDefaults(void) {
   CHECK(o.host_capacity_bytes == (uint64_t)4 << 30);
   CHECK(o.host_memory == KVTIER_HOST_MEMORY_AUTO);
   CHECK(o.async_threads == 2);
+  CHECK(o.retrieval.enabled == 0);
+  CHECK(o.retrieval.summary == KVTIER_SUMMARY_CLUSTERS);
+  CHECK(o.retrieval.clusters == 4);
+  CHECK(o.retrieval.top_r == 4);
+  CHECK(o.retrieval.backend == KVTIER_INDEX_AUTO);
+  CHECK(o.retrieval.hnsw_m == 32);
+  CHECK(o.retrieval.hnsw_ef_search == 128);
+  CHECK(o.retrieval.top_k == 16);
+  CHECK(o.retrieval.n_init == 128);
+  CHECK(o.retrieval.n_local == 4096);
+  CHECK(o.retrieval.scope == KVTIER_SCOPE_PER_LAYER);
   kvtier_options_init(NULL); /* no crash */
   kvtier_layout_llama3_8b(NULL);
 }
@@ -552,6 +563,177 @@ static void TestSmallStoreLru(void) {
   free(out);
 }
 
+/* Retrieval: 2 layers, 2 KV heads, 4 query heads, head dim 32, f32, 16-token blocks.
+ * Blocks hold small random keys; a "needle" block has 3 keys along the query direction,
+ * so it holds most of the attention mass and kvtier_select must rank it first. */
+enum { kHeadDim = 32, kKvHeads = 2, kQueryHeads = 4, kBlockTokens = 16 };
+
+static float Uniform(float scale) { /* in [-scale, scale) */
+  return scale * ((float)(NextRandom() >> 40) / (float)(1 << 23) - 1.0f);
+}
+
+static float QueryDirection(uint32_t c) {
+  return ((c % 3 == 0) ? 1.0f : -0.5f) / 3.7f; /* unit length over 32 channels: ~1 */
+}
+
+/* Keys (then values) of one f32 block; `needle` plants 3 keys of norm ~6 along the query. */
+static void FillRetrievalBlock(float* block, float needle) {
+  uint32_t h, t, c;
+  for (h = 0; h < 2 * kKvHeads * kBlockTokens * kHeadDim; ++h) block[h] = Uniform(0.3f);
+  for (h = 0; h < kKvHeads; ++h) {
+    for (t = 0; t < 3; ++t) {
+      float* key = block + (h * kBlockTokens + t * 5 + 1) * kHeadDim;
+      for (c = 0; c < kHeadDim; ++c) key[c] += needle * QueryDirection(c);
+    }
+  }
+}
+
+static void TestRetrieval(void) {
+  kvtier_layout l;
+  kvtier_options o;
+  kvtier_store* store = NULL;
+  kvtier_stats st;
+  kvtier_select_info info;
+  float* block;
+  float* noise_block;
+  float queries[kQueryHeads * kHeadDim];
+  int64_t selected[3];
+  float scores[3];
+  uint64_t bytes;
+  uint32_t b, c;
+
+  l.num_layers = 2;
+  l.num_kv_heads = kKvHeads;
+  l.num_query_heads = kQueryHeads;
+  l.head_dim = kHeadDim;
+  l.dtype = KVTIER_DTYPE_F32;
+  l.block_tokens = kBlockTokens;
+  bytes = kvtier_layout_block_bytes(&l);
+  CHECK(bytes == 2 * kKvHeads * kBlockTokens * kHeadDim * 4);
+  block = (float*)Allocate(bytes);
+  noise_block = (float*)Allocate(bytes);
+  for (c = 0; c < kQueryHeads * kHeadDim; ++c) {
+    queries[c] = 4.0f * QueryDirection(c % kHeadDim) + Uniform(0.05f);
+  }
+
+  kvtier_options_init(&o);
+  o.host_capacity_bytes = 64 * bytes;
+  o.host_memory = KVTIER_HOST_MEMORY_PLAIN;
+
+  /* Retrieval off: kvtier_select and kvtier_index_block are refused. */
+  CHECK_OK(kvtier_open(&o, &l, &store));
+  FillRetrievalBlock(block, 0.0f);
+  CHECK_OK(kvtier_put(store, &(kvtier_block_key){0, 0, 1, 0, 0}, block, bytes));
+  CHECK_CODE(kvtier_select(store, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim, 192, selected, 16,
+                           NULL, NULL),
+             KVTIER_FAILED_PRECONDITION);
+  CHECK_ERROR_MENTIONS("not enabled");
+  CHECK_CODE(kvtier_index_block(store, &(kvtier_block_key){0, 0, 1, 0, 0}, block, bytes,
+                                kBlockTokens, NULL, 0),
+             KVTIER_FAILED_PRECONDITION);
+  kvtier_close(store);
+
+  /* Bad retrieval options fail the open. */
+  o.retrieval.enabled = 1;
+  o.retrieval.top_k = 0;
+  CHECK_CODE(kvtier_open(&o, &l, &store), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("top_k");
+  CHECK(store == NULL);
+  o.retrieval.top_k = 2;
+  o.retrieval.summary = (kvtier_summary_kind)9;
+  CHECK_CODE(kvtier_open(&o, &l, &store), KVTIER_INVALID_ARGUMENT);
+  o.retrieval.summary = (kvtier_summary_kind)(256 + KVTIER_SUMMARY_MEAN); /* must not wrap */
+  CHECK_CODE(kvtier_open(&o, &l, &store), KVTIER_INVALID_ARGUMENT);
+  o.retrieval.summary = KVTIER_SUMMARY_CLUSTERS;
+
+  /* Top 2 blocks, one sink block (16 tokens), a two-block local window (32 tokens). */
+  o.retrieval.n_init = 16;
+  o.retrieval.n_local = 32;
+  CHECK_OK(kvtier_open(&o, &l, &store));
+  for (b = 0; b < 12; ++b) {
+    kvtier_block_key k = Key(0, 0, 1, 0, b);
+    FillRetrievalBlock(block, b == 6 ? 6.0f : b == 3 ? 4.0f : 0.0f);
+    CHECK_OK(kvtier_put(store, &k, block, bytes));
+  }
+  /* 192 tokens: sink [0, 1), local window [10, 12), candidates [1, 10). */
+  memset(&info, 0xAB, sizeof(info));
+  selected[2] = 99;
+  CHECK_OK(kvtier_select(store, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim, 192, selected, 2,
+                         scores, &info));
+  CHECK(selected[0] == 6);
+  CHECK(selected[1] == 3);
+  CHECK(selected[2] == 99); /* nothing past n_selected is written */
+  CHECK(scores[0] > scores[1] && scores[1] > 0.0f);
+  CHECK(info.sink_blocks == 1);
+  CHECK(info.local_begin == 10);
+  CHECK(info.local_end == 12);
+  CHECK(info.selected == 2);
+  /* Scores and info are optional; another layer has nothing indexed. */
+  CHECK_OK(kvtier_select(store, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim, 192, selected, 2, NULL,
+                         NULL));
+  CHECK(selected[0] == 6);
+  CHECK_OK(kvtier_select(store, 0, 0, 1, 1, queries, kQueryHeads * kHeadDim, 192, selected, 2, NULL,
+                         &info));
+  CHECK(selected[0] == -1 && selected[1] == -1 && info.selected == 0);
+
+  /* Malformed calls. */
+  CHECK_CODE(kvtier_select(store, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim, 192, selected, 3,
+                           NULL, NULL),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("entries");
+  CHECK_CODE(kvtier_select(store, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim - 1, 192, selected, 2,
+                           NULL, NULL),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("query");
+  CHECK_CODE(kvtier_select(store, 0, 0, 1, 2, queries, kQueryHeads * kHeadDim, 192, selected, 2,
+                           NULL, NULL),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_select(NULL, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim, 192, selected, 2,
+                           NULL, NULL),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(
+      kvtier_select(store, 0, 0, 1, 0, NULL, kQueryHeads * kHeadDim, 192, selected, 2, NULL, NULL),
+      KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(
+      kvtier_select(store, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim, 192, NULL, 2, NULL, NULL),
+      KVTIER_INVALID_ARGUMENT);
+
+  /* Block 6 re-indexed from keys without the needle: block 3 comes first. */
+  FillRetrievalBlock(noise_block, 0.0f);
+  CHECK_OK(kvtier_index_block(store, &(kvtier_block_key){0, 0, 1, 0, 6}, noise_block, bytes,
+                              kBlockTokens, NULL, 0));
+  CHECK_OK(kvtier_select(store, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim, 192, selected, 2,
+                         scores, NULL));
+  CHECK(selected[0] == 3);
+  CHECK_CODE(kvtier_index_block(store, &(kvtier_block_key){0, 0, 1, 0, 40}, noise_block, bytes,
+                                kBlockTokens, NULL, 0),
+             KVTIER_NOT_FOUND);
+  CHECK_CODE(kvtier_index_block(store, &(kvtier_block_key){0, 0, 1, 0, 6}, noise_block, bytes,
+                                kBlockTokens, NULL, 5),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_index_block(store, &(kvtier_block_key){0, 0, 1, 0, 6}, noise_block, bytes,
+                                kBlockTokens, scores, 3),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_index_block(store, NULL, noise_block, bytes, kBlockTokens, NULL, 0),
+             KVTIER_INVALID_ARGUMENT);
+
+  /* A deleted block is never selected again. */
+  CHECK_OK(kvtier_delete(store, &(kvtier_block_key){0, 0, 1, 0, 3}));
+  CHECK_OK(kvtier_select(store, 0, 0, 1, 0, queries, kQueryHeads * kHeadDim, 192, selected, 2, NULL,
+                         NULL));
+  CHECK(selected[0] != 3 && selected[1] != 3);
+
+  memset(&st, 0xAB, sizeof(st));
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.indexed_blocks == 11);
+  CHECK(st.index_memory_bytes > 0);
+  CHECK(st.selects == 5);
+  CHECK(st.select_nanos > 0);
+  kvtier_close(store);
+  free(block);
+  free(noise_block);
+}
+
 int main(int argc, char** argv) {
   kvtier_layout llama;
   g_seed = argc > 1 ? strtoull(argv[1], NULL, 0) : (uint64_t)time(NULL);
@@ -564,6 +746,7 @@ int main(int argc, char** argv) {
   TestOpenErrors(&llama);
   TestLlamaStore(&llama);
   TestSmallStoreLru();
+  TestRetrieval();
   printf("c_api_test: all checks passed\n");
   return 0;
 }

@@ -579,15 +579,132 @@ TEST_F(CatalogTest, RemovingABlockRemovesItsRepresentatives) {
   ASSERT_NE(gone, kept);
   const std::vector<std::byte> reps = RandomByteVector(rng, 256);
   for (const BlockKey& key : {gone, kept}) {
-    ASSERT_TRUE(catalog->PutRepresentatives(key, reps).ok());
+    // A commit of the location replaces the representatives (none here), so they are
+    // put after it, as Store::IndexBlock does for a durable block.
     const Catalog::Update put{key, DiskLocation{.length = 4096, .generation = 1}};
     ASSERT_TRUE(catalog->Commit({&put, 1}).ok());
+    ASSERT_TRUE(catalog->PutRepresentatives(key, reps).ok());
   }
   const Catalog::Update removal{gone, std::nullopt};
   ASSERT_TRUE(catalog->Commit({&removal, 1}).ok());
   EXPECT_FALSE(catalog->GetRepresentatives(gone)->has_value());
   ASSERT_TRUE(catalog->GetRepresentatives(kept)->has_value());
   EXPECT_EQ(**catalog->GetRepresentatives(kept), reps);
+}
+
+// Every (key, representatives) pair, in ForEachRepresentatives' order.
+std::vector<std::pair<BlockKey, std::vector<std::byte>>> AllRepresentatives(Catalog& catalog) {
+  std::vector<std::pair<BlockKey, std::vector<std::byte>>> all;
+  Status s =
+      catalog.ForEachRepresentatives([&](const BlockKey& key, std::span<const std::byte> data) {
+        all.emplace_back(key, std::vector<std::byte>(data.begin(), data.end()));
+        return true;
+      });
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return all;
+}
+
+// A block's location and its representatives go in one batch: a later update replaces
+// both, an update without representatives removes the old ones, a removal takes both.
+TEST_F(CatalogTest, CommitWritesRepresentativesWithTheLocation) {
+  std::mt19937_64 rng(211);
+  std::unique_ptr<Catalog> catalog = OpenCatalog();
+  ASSERT_NE(catalog, nullptr);
+  const BlockKey a = RandomKey(rng), b = RandomKey(rng), c = RandomKey(rng);
+  const DiskLocation la = RandomLocation(rng), lb = RandomLocation(rng), lc = RandomLocation(rng);
+  const std::vector<std::byte> ra = RandomByteVector(rng, 300), rb = RandomByteVector(rng, 77),
+                               rb2 = RandomByteVector(rng, 1000);
+  std::vector<Catalog::Update> batch = {{a, la, ra}, {b, lb, rb}, {c, lc, {}}};
+  ASSERT_TRUE(catalog->Commit(batch).ok());
+  EXPECT_EQ(catalog->Lookup(a)->value(), la);
+  EXPECT_EQ(**catalog->GetRepresentatives(a), ra);
+  EXPECT_EQ(**catalog->GetRepresentatives(b), rb);
+  EXPECT_FALSE(catalog->GetRepresentatives(c)->has_value());
+
+  // b rewritten with new representatives, a rewritten without any.
+  const DiskLocation la2 = RandomLocation(rng), lb2 = RandomLocation(rng);
+  batch = {{b, lb2, rb2}, {a, la2, {}}};
+  ASSERT_TRUE(catalog->Commit(batch).ok());
+  EXPECT_EQ(catalog->Lookup(b)->value(), lb2);
+  EXPECT_EQ(**catalog->GetRepresentatives(b), rb2);
+  EXPECT_EQ(catalog->Lookup(a)->value(), la2);
+  EXPECT_FALSE(catalog->GetRepresentatives(a)->has_value());
+
+  // Put then delete in one batch: neither survives; delete then put: both do.
+  batch = {{b, std::nullopt}, {c, lc, ra}, {c, std::nullopt}, {a, std::nullopt}, {a, la, rb}};
+  ASSERT_TRUE(catalog->Commit(batch).ok());
+  EXPECT_FALSE(catalog->Lookup(b)->has_value());
+  EXPECT_FALSE(catalog->GetRepresentatives(b)->has_value());
+  EXPECT_FALSE(catalog->Lookup(c)->has_value());
+  EXPECT_FALSE(catalog->GetRepresentatives(c)->has_value());
+  EXPECT_EQ(**catalog->GetRepresentatives(a), rb);
+  const std::vector<std::pair<BlockKey, std::vector<std::byte>>> all = AllRepresentatives(*catalog);
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_EQ(all[0].first, a);
+}
+
+// Random batches of puts (with or without representatives) and removals, against a
+// model; the scan is in key order and the state persists across a reopen.
+TEST_F(CatalogTest, RepresentativesMatchModelUnderRandomBatchesAndReopen) {
+  std::mt19937_64 rng(212);
+  std::map<BlockKey, std::vector<std::byte>> model;
+  std::map<BlockKey, DiskLocation> blocks;
+  auto expect_matches = [&](Catalog& catalog) {
+    const std::vector<std::pair<BlockKey, std::vector<std::byte>>> all =
+        AllRepresentatives(catalog);
+    ASSERT_EQ(all.size(), model.size());
+    auto it = model.begin();
+    for (const auto& [key, data] : all) {
+      ASSERT_EQ(key, it->first);
+      ASSERT_EQ(data, it->second) << key.ToString();
+      ++it;
+    }
+    ExpectMatchesModel(catalog, blocks);
+  };
+  {
+    std::unique_ptr<Catalog> catalog = OpenCatalog();
+    ASSERT_NE(catalog, nullptr);
+    for (int round = 0; round < 30; ++round) {
+      std::vector<Catalog::Update> batch;
+      for (int i = 0, n = 1 + static_cast<int>(rng() % 20); i < n; ++i) {
+        Catalog::Update update{RandomKey(rng, /*narrow=*/true), std::nullopt};
+        if (rng() % 4 != 0) {
+          update.location = RandomLocation(rng);
+          if (rng() % 3 != 0) update.representatives = RandomByteVector(rng, 1 + rng() % 600);
+        }
+        if (update.location) {
+          blocks[update.key] = *update.location;
+        } else {
+          blocks.erase(update.key);
+        }
+        if (!update.representatives.empty()) {
+          model[update.key] = update.representatives;
+        } else {
+          model.erase(update.key);
+        }
+        batch.push_back(std::move(update));
+      }
+      ASSERT_TRUE(catalog->Commit(batch).ok());
+    }
+    ASSERT_FALSE(model.empty());
+    expect_matches(*catalog);
+    // Stops when the visitor says so.
+    size_t visits = 0;
+    ASSERT_TRUE(catalog
+                    ->ForEachRepresentatives(
+                        [&](const BlockKey&, std::span<const std::byte>) { return ++visits < 3; })
+                    .ok());
+    EXPECT_EQ(visits, std::min<size_t>(3, model.size()));
+    ASSERT_TRUE(catalog->Close().ok());
+    EXPECT_EQ(catalog
+                  ->ForEachRepresentatives(
+                      [](const BlockKey&, std::span<const std::byte>) { return true; })
+                  .code(),
+              StatusCode::kFailedPrecondition);
+  }
+  std::unique_ptr<Catalog> reopened = OpenCatalog(false);
+  ASSERT_NE(reopened, nullptr);
+  expect_matches(*reopened);
 }
 
 TEST_F(CatalogTest, ManyEntriesPersistAcrossReopen) {

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -106,6 +107,18 @@ void kvtier_options_init(kvtier_options* options) {
   options->host_capacity_bytes = d.host_capacity_bytes;
   options->host_memory = static_cast<kvtier_host_memory>(d.host_memory);
   options->async_threads = d.async_threads;
+  const kvtier::RetrievalOptions& r = d.retrieval;
+  options->retrieval = kvtier_retrieval_options{r.enabled ? 1 : 0,
+                                                static_cast<kvtier_summary_kind>(r.summary),
+                                                r.clusters,
+                                                r.top_r,
+                                                static_cast<kvtier_index_backend>(r.backend),
+                                                r.hnsw_m,
+                                                r.hnsw_ef_search,
+                                                r.top_k,
+                                                r.n_init,
+                                                r.n_local,
+                                                static_cast<kvtier_selection_scope>(r.scope)};
 }
 
 void kvtier_layout_llama3_8b(kvtier_layout* layout) {
@@ -142,6 +155,18 @@ kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layo
     o.host_capacity_bytes = options->host_capacity_bytes;
     o.host_memory = FromCEnum<kvtier::HostMemoryKind>(options->host_memory);
     o.async_threads = options->async_threads;
+    const kvtier_retrieval_options& r = options->retrieval;
+    o.retrieval.enabled = r.enabled != 0;
+    o.retrieval.summary = FromCEnum<kvtier::SummaryKind>(r.summary);
+    o.retrieval.clusters = r.clusters;
+    o.retrieval.top_r = r.top_r;
+    o.retrieval.backend = FromCEnum<kvtier::IndexBackend>(r.backend);
+    o.retrieval.hnsw_m = r.hnsw_m;
+    o.retrieval.hnsw_ef_search = r.hnsw_ef_search;
+    o.retrieval.top_k = r.top_k;
+    o.retrieval.n_init = r.n_init;
+    o.retrieval.n_local = r.n_local;
+    o.retrieval.scope = FromCEnum<kvtier::SelectionScope>(r.scope);
     KVTIER_ASSIGN_OR_RETURN(auto s, kvtier::Store::Open(o, ToLayout(*layout)));
     *store = new kvtier_store{std::move(s)};
     return kvtier::Status::OK();
@@ -211,7 +236,11 @@ kvtier_code kvtier_stats_get(const kvtier_store* store, kvtier_stats* stats) {
                         s.evictions_lost,
                         s.busy_rejections,
                         s.bytes_put,
-                        s.bytes_got};
+                        s.bytes_got,
+                        s.indexed_blocks,
+                        s.index_memory_bytes,
+                        s.selects,
+                        s.select_nanos};
   return KVTIER_OK;
 }
 
@@ -268,6 +297,40 @@ kvtier_code kvtier_get_async(kvtier_store* store, const kvtier_block_key* key, v
   return Guard([&] {
     store->store->GetAsync(ToKey(*key), data, bytes, ToCompletion(done, user_data));
     return kvtier::Status::OK();
+  });
+}
+
+kvtier_code kvtier_select(kvtier_store* store, uint32_t namespace_id, uint64_t sequence_hi,
+                          uint64_t sequence_lo, uint32_t layer, const float* queries,
+                          size_t n_queries, uint64_t context_tokens, int64_t* selected,
+                          size_t n_selected, float* scores, kvtier_select_info* info) {
+  if (store == nullptr) return NullArgument("store");
+  if (queries == nullptr && n_queries > 0) return NullArgument("queries");
+  if (selected == nullptr && n_selected > 0) return NullArgument("selected");
+  return Guard([&]() -> kvtier::Status {
+    KVTIER_ASSIGN_OR_RETURN(
+        kvtier::SelectInfo i,
+        store->store->Select(
+            namespace_id, {sequence_hi, sequence_lo}, layer,
+            std::span<const float>(queries, n_queries), context_tokens,
+            std::span<int64_t>(selected, n_selected),
+            scores != nullptr ? std::span<float>(scores, n_selected) : std::span<float>()));
+    if (info != nullptr) {
+      *info = kvtier_select_info{i.sink_blocks, i.local_begin, i.local_end, i.selected};
+    }
+    return kvtier::Status::OK();
+  });
+}
+
+kvtier_code kvtier_index_block(kvtier_store* store, const kvtier_block_key* key, const void* data,
+                               uint64_t bytes, uint32_t valid_tokens, const float* token_scores,
+                               size_t n_scores) {
+  if (store == nullptr) return NullArgument("store");
+  if (key == nullptr) return NullArgument("key");
+  if (token_scores == nullptr && n_scores > 0) return NullArgument("token_scores");
+  return Guard([&] {
+    return store->store->IndexBlock(ToKey(*key), data, bytes, valid_tokens,
+                                    std::span<const float>(token_scores, n_scores));
   });
 }
 

@@ -17,3 +17,37 @@ std::string_view HostMemoryKindName(HostMemoryKind kind) {
 }
 
 }  // namespace kvtier
+
+namespace kvtier {
+
+std::string_view SummaryKindName(SummaryKind kind) {
+  switch (kind) {
+    case SummaryKind::kClusters:
+      return "clusters";
+    case SummaryKind::kMean:
+      return "mean";
+    case SummaryKind::kMinMax:
+      return "minmax";
+    case SummaryKind::kTopR:
+      return "topr";
+  }
+  return "unknown";
+}
+
+std::string_view IndexBackendName(IndexBackend backend) {
+  switch (backend) {
+    case IndexBackend::kAuto:
+      return "auto";
+    case IndexBackend::kScan:
+      return "scan";
+    case IndexBackend::kFaissFlat:
+      return "faiss-flat";
+    case IndexBackend::kFaissHnsw:
+      return "faiss-hnsw";
+    case IndexBackend::kInfLLM:
+      return "infllm";
+  }
+  return "unknown";
+}
+
+}  // namespace kvtier

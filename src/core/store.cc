@@ -102,17 +102,26 @@ void Store::Impl::EvictLocked(SlotId victim) {
   }
   // No lower tier: the block is lost, and counted.
   ++stats.evictions_lost;
+  if (retrieval != nullptr) {
+    // Applied by the layer's next Put or Select. A sequence left with no block goes
+    // here, under `mu`: rare, and freeing its indexes is quick.
+    std::shared_ptr<RetrievalIndexes::Sequence> retired;
+    retrieval->QueueRemove(*entry->key, &retired);
+  }
   DetachLocked(entry, nullptr, nullptr);
   index.Erase(entry);
 }
 
-void Store::Impl::CommitLocked(const BlockKey& key, SlotId slot) {
+RetrievalIndexes::LayerRef Store::Impl::CommitLocked(const BlockKey& key, SlotId slot,
+                                                     PreparedSummary* summary) {
   auto [entry, created] = index.Insert(key);
   if (!created) {
+    if (device != nullptr) device->Invalidate(key);  // the GPU tier's copy is stale
     if (entry->host_slot != BlockIndex::kNoSlot) pool->Retire(entry->host_slot);
     if (entry->dirty) {  // the older host copy will never be written now
       dirty_versions.erase(entry->version);
       failed_writes.erase(entry->version);
+      pending_summaries.erase(entry->version);
     }
   }
   entry->host_slot = slot;
@@ -126,15 +135,22 @@ void Store::Impl::CommitLocked(const BlockKey& key, SlotId slot) {
   pool->Unpin(slot);
   ++stats.puts;
   stats.bytes_put += block_bytes;
+  if (retrieval == nullptr) return {};
+  if (has_disk && !summary->encoded.empty()) {
+    pending_summaries[entry->version] = std::move(summary->encoded);
+  }
+  return retrieval->QueueAdd(key, std::move(summary->summary));
 }
 
 void Store::Impl::DetachLocked(BlockIndex::Entry* entry,
                                std::vector<Catalog::Update>* catalog_deletes,
                                std::vector<Extent>* extents_to_free) {
+  if (device != nullptr) device->Invalidate(*entry->key);
   if (entry->host_slot != BlockIndex::kNoSlot) pool->Retire(entry->host_slot);
   if (entry->dirty) {
     dirty_versions.erase(entry->version);
     failed_writes.erase(entry->version);
+    pending_summaries.erase(entry->version);
   }
   if (entry->on_disk) {
     --stats.disk_blocks;
@@ -191,6 +207,11 @@ void Store::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
 Status Store::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
   KVTIER_RETURN_IF_ERROR(CheckKey(key));
   KVTIER_RETURN_IF_ERROR(CheckBuffer(data, bytes));
+  // The summary first, from the caller's data: no slot stays pinned meanwhile.
+  PreparedSummary summary;
+  if (retrieval != nullptr) {
+    KVTIER_RETURN_IF_ERROR(PrepareSummary(data, layout.block_tokens, {}, &summary));
+  }
   SlotId slot;
   {
     MutexLock lock(&mu);
@@ -198,8 +219,12 @@ Status Store::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
   }
   std::memcpy(pool->SlotData(slot), data, bytes);
   ChecksumSlot(slot);
-  MutexLock lock(&mu);
-  CommitLocked(key, slot);
+  RetrievalIndexes::LayerRef touched;
+  {
+    MutexLock lock(&mu);
+    touched = CommitLocked(key, slot, &summary);
+  }
+  if (retrieval != nullptr) retrieval->Apply(touched);
   return Status::OK();
 }
 
@@ -209,9 +234,13 @@ Status Store::Impl::PutBatch(std::span<const BlockWrite> writes, std::span<Statu
                                    " statuses for " + std::to_string(writes.size()) + " writes");
   }
   SlotArray slots(writes.size());
+  std::vector<PreparedSummary> summaries(retrieval != nullptr ? writes.size() : 0);
   for (size_t i = 0; i < writes.size(); ++i) {
     statuses[i] = CheckKey(writes[i].key);
     if (statuses[i].ok()) statuses[i] = CheckBuffer(writes[i].data, writes[i].bytes);
+    if (statuses[i].ok() && retrieval != nullptr) {
+      statuses[i] = PrepareSummary(writes[i].data, layout.block_tokens, {}, &summaries[i]);
+    }
   }
   {
     MutexLock lock(&mu);
@@ -231,12 +260,21 @@ Status Store::Impl::PutBatch(std::span<const BlockWrite> writes, std::span<Statu
       ChecksumSlot(slots[i]);
     }
   }
+  std::vector<RetrievalIndexes::LayerRef> touched;
   {
     MutexLock lock(&mu);
     for (size_t i = 0; i < writes.size(); ++i) {
-      if (slots[i] != BlockIndex::kNoSlot) CommitLocked(writes[i].key, slots[i]);
+      if (slots[i] == BlockIndex::kNoSlot) continue;
+      RetrievalIndexes::LayerRef layer =
+          CommitLocked(writes[i].key, slots[i], retrieval != nullptr ? &summaries[i] : nullptr);
+      if (layer.sequence != nullptr &&
+          (touched.empty() || touched.back().sequence != layer.sequence ||
+           touched.back().layer != layer.layer)) {
+        touched.push_back(std::move(layer));
+      }
     }
   }
+  for (const RetrievalIndexes::LayerRef& layer : touched) retrieval->Apply(layer);
   return FirstFailure(statuses);
 }
 
@@ -311,6 +349,10 @@ Result<std::unique_ptr<Store>> Store::Open(const StoreOptions& options, const Mo
                                    std::to_string(options.io_depth));
   }
   if (options.sync > SyncPolicy::kDsync) return Status::InvalidArgument("unknown sync policy");
+  std::unique_ptr<RetrievalIndexes> retrieval;
+  if (options.retrieval.enabled) {
+    KVTIER_ASSIGN_OR_RETURN(retrieval, RetrievalIndexes::Create(layout, options.retrieval));
+  }
   KVTIER_ASSIGN_OR_RETURN(
       auto pool,
       HostPool::Create(layout.BytesPerBlock(), options.host_capacity_bytes, options.host_memory));
@@ -320,7 +362,10 @@ Result<std::unique_ptr<Store>> Store::Open(const StoreOptions& options, const Mo
   }
   auto impl = std::make_unique<Impl>(options, layout, std::move(pool),
                                      options.env != nullptr ? options.env : Env::Default());
+  impl->retrieval = std::move(retrieval);
   if (!options.directory.empty()) KVTIER_RETURN_IF_ERROR(impl->OpenDisk());
+  if (impl->retrieval != nullptr) impl->retrieval->ApplyAll();  // what the rebuild queued
+  KVTIER_RETURN_IF_ERROR(impl->OpenDevice());
   impl->workers = std::make_unique<WorkerPool>(options.async_threads);
   return std::unique_ptr<Store>(new Store(std::move(impl)));
 }
@@ -329,6 +374,7 @@ Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Store::~Store() {
   impl_->workers.reset();  // runs what was submitted while everything else still lives
+  impl_->device.reset();   // its prefetch thread pulls blocks from the tiers below
   impl_->CloseDisk();
 }
 
@@ -356,21 +402,31 @@ bool Store::Contains(const BlockKey& key) const {
 
 Status Store::Delete(const BlockKey& key) {
   Impl& d = *impl_;
-  MutexLock lock(&d.mu);
-  BlockIndex::Entry* entry = d.index.Find(key);
-  if (entry == nullptr) return Status::NotFound("block " + key.ToString() + " is not in the store");
-  std::vector<Catalog::Update> deletes;
-  std::vector<Extent> frees;
-  d.DetachLocked(entry, &deletes, &frees);
-  d.index.Erase(entry);
-  if (!deletes.empty()) d.QueueDeletesLocked(std::move(deletes), std::move(frees));
-  ++d.stats.deletes;
+  RetrievalIndexes::LayerRef touched;
+  std::shared_ptr<RetrievalIndexes::Sequence> retired;  // freed once `mu` is released
+  {
+    MutexLock lock(&d.mu);
+    BlockIndex::Entry* entry = d.index.Find(key);
+    if (entry == nullptr) {
+      return Status::NotFound("block " + key.ToString() + " is not in the store");
+    }
+    std::vector<Catalog::Update> deletes;
+    std::vector<Extent> frees;
+    d.DetachLocked(entry, &deletes, &frees);
+    d.index.Erase(entry);
+    if (!deletes.empty()) d.QueueDeletesLocked(std::move(deletes), std::move(frees));
+    ++d.stats.deletes;
+    if (d.retrieval != nullptr) touched = d.retrieval->QueueRemove(key, &retired);
+  }
+  if (d.retrieval != nullptr) d.retrieval->Apply(touched);
   return Status::OK();
 }
 
 Result<uint64_t> Store::DropSequence(uint32_t namespace_id, const SequenceId& sequence) {
   Impl& d = *impl_;
+  std::shared_ptr<RetrievalIndexes::Sequence> retired;  // freed once `mu` is released
   MutexLock lock(&d.mu);
+  if (d.retrieval != nullptr) retired = d.retrieval->DropSequence(namespace_id, sequence);
   std::vector<Catalog::Update> deletes;
   std::vector<Extent> frees;
   uint64_t n = d.index.EraseSequence(
@@ -400,6 +456,24 @@ StoreStats Store::Stats() const {
     s.disk_free_extents = d.extents->free_extent_count();
   }
   s.dirty_blocks = d.dirty_versions.size();
+  if (d.retrieval != nullptr) d.retrieval->AddStats(&s);
+  if (d.device != nullptr) {
+    const DeviceCacheStats c = d.device->stats();
+    s.device_capacity_bytes = c.capacity_bytes;
+    s.device_slots = c.slots;
+    s.device_blocks = c.resident_blocks;
+    s.device_emulated = c.emulated;
+    s.acquires = c.acquires;
+    s.acquired_blocks = c.acquired_blocks;
+    s.device_hits = c.hits;
+    s.device_fetches_host = c.fetches_host;
+    s.device_fetches_disk = c.fetches_disk;
+    s.device_bytes_in = c.bytes_in;
+    s.device_evictions = c.evictions;
+    s.prefetches = c.prefetches;
+    s.prefetch_hits = c.prefetch_hits;
+    s.acquire_stall_nanos = c.stall_nanos;
+  }
   return s;
 }
 

@@ -115,6 +115,7 @@ Status Store::Impl::OpenDisk() {
     MutexLock lock(&mu);
     extents = std::make_unique<ExtentAllocator>(sizes);
     KVTIER_RETURN_IF_ERROR(RecoverLocked());
+    if (retrieval != nullptr) KVTIER_RETURN_IF_ERROR(RebuildRetrievalLocked());
   }
   slot_checksums.assign(pool->slot_count(), 0);
   read_reserve_slots = std::min<uint32_t>(
@@ -188,6 +189,14 @@ void Store::Impl::QueueDeletesLocked(std::vector<Catalog::Update> deletes,
                                      std::vector<Extent> frees) {
   catalog_jobs.push_back(
       CatalogJob{.deletes = std::move(deletes), .frees_after = std::move(frees)});
+  ++jobs_enqueued;
+  bg_cv.notify_one();
+}
+
+void Store::Impl::QueueSummaryWriteLocked(const BlockKey& key, uint64_t version,
+                                          std::vector<std::byte> bytes) {
+  catalog_jobs.push_back(CatalogJob{
+      .summary = SummaryWrite{.key = key, .version = version, .bytes = std::move(bytes)}});
   ++jobs_enqueued;
   bg_cv.notify_one();
 }
@@ -282,6 +291,11 @@ void Store::Impl::Promote(std::span<ReadPlan> plans, std::span<const BlockKey> k
         if (same && !(e->disk.flags & kBlockCorrupt)) {
           e->disk.flags |= kBlockCorrupt;
           ++stats.corrupt_blocks;
+          if (retrieval != nullptr && e->host_slot == BlockIndex::kNoSlot) {
+            // Unreadable now: never selected again (a new Put indexes it again).
+            std::shared_ptr<RetrievalIndexes::Sequence> retired;
+            retrieval->QueueRemove(keys[i], &retired);
+          }
           catalog_jobs.push_back(CatalogJob{.mark_corrupt = std::make_pair(keys[i], e->disk)});
           ++jobs_enqueued;
           bg_cv.notify_one();
@@ -409,12 +423,17 @@ void Store::Impl::BackgroundLoop() {
       catalog_jobs.pop_front();
       std::vector<Catalog::Update> updates;
       std::vector<WriteItem*> committed;
+      bool write_summary = false;
       if (!job.sync_status.ok()) {
         for (const WriteItem& item : job.writes) fail(item, job.sync_status);
       } else if (!job.writes.empty()) {
         for (WriteItem& item : job.writes) {
           if (current(item)) {
-            updates.push_back(Catalog::Update{item.key, item.loc});
+            // The entry and the block's summary (retrieval) in one batch.
+            auto summary = pending_summaries.find(item.version);
+            updates.push_back(Catalog::Update{
+                item.key, item.loc,
+                summary != pending_summaries.end() ? summary->second : std::vector<std::byte>{}});
             committed.push_back(&item);
           } else {
             FreeExtentLocked(item.extent);  // no catalog entry ever named it
@@ -426,13 +445,20 @@ void Store::Impl::BackgroundLoop() {
         if (e != nullptr && e->on_disk && SameExtent(e->disk, job.mark_corrupt->second)) {
           updates.push_back(Catalog::Update{job.mark_corrupt->first, job.mark_corrupt->second});
         }
+      } else if (job.summary) {
+        // Only for the durable copy of the version it summarizes: a block replaced or
+        // deleted since has a newer commit (or a removal) behind this job.
+        const BlockIndex::Entry* e = index.Find(job.summary->key);
+        write_summary = e != nullptr && e->version == job.summary->version && e->on_disk &&
+                        !e->dirty && !(e->disk.flags & kBlockCorrupt);
       } else {
         updates = std::move(job.deletes);
       }
       Status s;
-      if (!updates.empty()) {
+      if (!updates.empty() || write_summary) {
         mu.Unlock();
-        s = catalog->Commit(updates);
+        s = write_summary ? catalog->PutRepresentatives(job.summary->key, job.summary->bytes)
+                          : catalog->Commit(updates);
         mu.Lock();
         if (s.ok()) ++stats.catalog_commits;
       }
@@ -472,6 +498,7 @@ void Store::Impl::BackgroundLoop() {
             e->dirty = false;
             dirty_versions.erase(item->version);
             failed_writes.erase(item->version);
+            pending_summaries.erase(item->version);
             pool->MarkClean(item->slot);
           }
           release(*item);

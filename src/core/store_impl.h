@@ -17,6 +17,16 @@
 // Deletes queue catalog jobs in the same FIFO, so the catalog sees every key's changes
 // in the order the store made them. An extent is freed only once no durable catalog
 // entry references it and no read is in flight on it.
+//
+// Retrieval (store_retrieval.cc): a Put summarizes its block on the caller's thread
+// (from the caller's data; PutFromPagedCache from the pinned slot after the gather)
+// before it takes `mu`; under `mu` the summary is queued for the index of its layer
+// (RetrievalIndexes, applied once `mu` is released) and, with a disk tier, its encoding
+// waits in `pending_summaries` for the block's catalog commit, which writes the entry
+// and the summary in one batch. IndexBlock replaces the summary: in `pending_summaries`
+// while the block is dirty, and through a summary job in the catalog FIFO (written only
+// if the block is then durable and unchanged). A removal in the catalog takes the summary
+// with it, so the catalog never holds a summary for a block it does not hold.
 #ifndef KVTIER_CORE_STORE_IMPL_H_
 #define KVTIER_CORE_STORE_IMPL_H_
 
@@ -34,6 +44,8 @@
 #include "kernels/host_device.h"
 #include "kvtier/store.h"
 #include "src/core/block_index.h"
+#include "src/core/device_cache.h"
+#include "src/core/store_retrieval.h"
 #include "src/core/worker_pool.h"
 #include "src/util/mutex.h"
 #include "storage/catalog.h"
@@ -55,7 +67,15 @@ struct Store::Impl {
   // (releasing `mu`) when wait_when_full. A Put (for_put) leaves read_reserve_slots.
   Result<SlotId> ReserveLocked(bool for_put) KVTIER_REQUIRES(mu);
   void EvictLocked(SlotId victim) KVTIER_REQUIRES(mu);
-  void CommitLocked(const BlockKey& key, SlotId slot) KVTIER_REQUIRES(mu);
+  // A block's summary, computed before the commit (retrieval only).
+  struct PreparedSummary {
+    BlockSummary summary;
+    std::vector<std::byte> encoded;  // for the catalog (disk tier only)
+  };
+  // Publishes the filled, pinned `slot` as `key`'s block. With retrieval, `summary` (not
+  // null) is queued for the index; the layer to Apply once `mu` is released is returned.
+  RetrievalIndexes::LayerRef CommitLocked(const BlockKey& key, SlotId slot,
+                                          PreparedSummary* summary) KVTIER_REQUIRES(mu);
   // With a disk tier: the checksum of a freshly filled slot, computed by the thread that
   // filled it (while the bytes are in its cache) rather than by the write-back thread.
   void ChecksumSlot(SlotId slot) {
@@ -82,6 +102,13 @@ struct Store::Impl {
   Status RunReads(std::span<const BlockRead> reads, std::span<ReadPlan> plans,
                   std::span<Status> statuses);
 
+  // --- store_retrieval.cc ------------------------------------------------------------
+  // Summarizes a block (keys first, kvtier's layout) on the calling thread.
+  Status PrepareSummary(const void* block, uint32_t valid_tokens,
+                        std::span<const float> token_scores, PreparedSummary* out);
+  // At Open, after RecoverLocked: the indexes from the catalog's summaries.
+  Status RebuildRetrievalLocked() KVTIER_REQUIRES(mu);
+
   // --- store_paged.cc -----------------------------------------------------------------
   Status PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
                            const void* k_base, const void* v_base,
@@ -104,6 +131,10 @@ struct Store::Impl {
   void QueueDirtyLruLocked(uint32_t max_blocks) KVTIER_REQUIRES(mu);
   void QueueDeletesLocked(std::vector<Catalog::Update> deletes, std::vector<Extent> frees)
       KVTIER_REQUIRES(mu);
+  // Queues a catalog job writing `key`'s summary if, when its turn comes, the block is
+  // durable, clean and still of `version`.
+  void QueueSummaryWriteLocked(const BlockKey& key, uint64_t version, std::vector<std::byte> bytes)
+      KVTIER_REQUIRES(mu);
   void FreeExtentLocked(const Extent& extent) KVTIER_REQUIRES(mu);
   void ReadPinLocked(const DiskLocation& loc) KVTIER_REQUIRES(mu);
   void ReadUnpinLocked(const DiskLocation& loc) KVTIER_REQUIRES(mu);
@@ -122,6 +153,8 @@ struct Store::Impl {
   // Bookkeeping calls need `mu`; SlotData() does not (see host_pool.h).
   const std::unique_ptr<HostPool> pool;
   BlockIndex index KVTIER_GUARDED_BY(mu);
+  // Retrieval's indexes (null unless options.retrieval.enabled); set once at Open.
+  std::unique_ptr<RetrievalIndexes> retrieval;
   StoreStats stats KVTIER_GUARDED_BY(mu);
   uint64_t next_version KVTIER_GUARDED_BY(mu) = 1;
 
@@ -147,12 +180,18 @@ struct Store::Impl {
     DiskLocation loc{};
     Status status{};
   };
+  struct SummaryWrite {
+    BlockKey key;
+    uint64_t version = 0;
+    std::vector<std::byte> bytes;
+  };
   struct CatalogJob {
     std::vector<WriteItem> writes{};  // a synced group of writes to commit
     Status sync_status{};
     std::vector<Catalog::Update> deletes{};  // or removals to commit
     std::vector<Extent> frees_after{};       // extents freed once the removals are durable
     std::optional<std::pair<BlockKey, DiskLocation>> mark_corrupt{};
+    std::optional<SummaryWrite> summary{};  // or a new summary of a durable block
   };
   std::deque<WriteItem> write_queue KVTIER_GUARDED_BY(mu);
   uint32_t writes_in_flight KVTIER_GUARDED_BY(mu) = 0;
@@ -167,6 +206,8 @@ struct Store::Impl {
   // failed, with why.
   std::set<uint64_t> dirty_versions KVTIER_GUARDED_BY(mu);
   std::map<uint64_t, std::pair<BlockKey, Status>> failed_writes KVTIER_GUARDED_BY(mu);
+  // Encoded summaries of dirty versions (retrieval), committed with the block's entry.
+  std::unordered_map<uint64_t, std::vector<std::byte>> pending_summaries KVTIER_GUARDED_BY(mu);
   Status catalog_error KVTIER_GUARDED_BY(mu);  // sticky: the catalog refused a commit
   // Reads in flight per extent ((file << 48) | offset / 4096), and frees waiting for them.
   std::unordered_map<uint64_t, uint32_t> extent_readers KVTIER_GUARDED_BY(mu);
@@ -185,6 +226,48 @@ struct Store::Impl {
 
   // Declared last: destroyed first.
   std::unique_ptr<WorkerPool> workers;
+
+  // --- store_device.cc: the GPU tier (retrieval.device_capacity_bytes > 0) -------------
+  // What the DeviceCache pulls blocks through: host slots, promoted from disk if needed.
+  struct StoreBlockSource final : BlockSource {
+    explicit StoreBlockSource(Impl* i) : impl(i) {}
+    Status PinHost(std::span<const BlockKey> keys, std::span<HostBlockRef> blocks) override;
+    void UnpinHost(std::span<const BlockKey> keys, std::span<const HostBlockRef> blocks) override;
+    Impl* impl;
+  };
+  // At Open, after the host tier: the DeviceCache (none without a device capacity).
+  Status OpenDevice();
+  // After an Acquire of (sequence, layer): prefetch the runners-up of its last Select and
+  // the next layer's last selection.
+  void PrefetchAfterAcquire(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer);
+  // Records the blocks an Acquire of (sequence, layer) asked for, and the runners-up
+  // its Select ranked after them (store_retrieval.cc calls NoteRunnersUp).
+  void NoteAcquired(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                    std::span<const int64_t> blocks);
+  void NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                     std::span<const int64_t> blocks);
+  struct LayerKey {
+    uint32_t namespace_id;
+    SequenceId sequence;
+    uint32_t layer;
+    friend bool operator==(const LayerKey&, const LayerKey&) = default;
+  };
+  struct LayerKeyHash {
+    size_t operator()(const LayerKey& k) const noexcept {
+      return SequenceIdHash{}(k.sequence) ^ (size_t{k.namespace_id} * 0x9E3779B97F4A7C15ull) ^
+             (size_t{k.layer} * 0xC2B2AE3D27D4EB4Full);
+    }
+  };
+  struct LayerHistory {
+    std::vector<int64_t> acquired;    // the last Acquire's blocks
+    std::vector<int64_t> runners_up;  // the last Select's ranks top_k .. top_k + extra
+  };
+  Mutex history_mu;
+  std::unordered_map<LayerKey, LayerHistory, LayerKeyHash> history KVTIER_GUARDED_BY(history_mu);
+  std::vector<int64_t> prefetch_scratch KVTIER_GUARDED_BY(history_mu);
+  // Declared before `device`, destroyed after it.
+  std::unique_ptr<StoreBlockSource> block_source;
+  std::unique_ptr<DeviceCache> device;  // set once at Open
 };
 
 }  // namespace kvtier

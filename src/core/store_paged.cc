@@ -107,19 +107,36 @@ Status Store::Impl::PutFromPagedCache(std::span<const BlockKey> keys, const Page
                                slots.data(), nullptr);
   }
 
+  // Summaries from the gathered slots (pinned until their commit), on this thread.
+  std::vector<PreparedSummary> summaries(retrieval != nullptr ? keys.size() : 0);
   if (gathered.ok()) {
-    for (SlotId id : ids) ChecksumSlot(id);
-  }
-  MutexLock lock(&mu);
-  for (size_t i = 0; i < keys.size(); ++i) {
-    if (gathered.ok()) {
-      CommitLocked(keys[i], ids[i]);
-      statuses[i] = Status::OK();
-    } else {
-      pool->Unpin(ids[i]);
-      statuses[i] = gathered;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      ChecksumSlot(ids[i]);
+      if (retrieval != nullptr && gathered.ok()) {
+        gathered = PrepareSummary(pool->SlotData(ids[i]), layout.block_tokens, {}, &summaries[i]);
+      }
     }
   }
+  std::vector<RetrievalIndexes::LayerRef> touched;
+  {
+    MutexLock lock(&mu);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (gathered.ok()) {
+        RetrievalIndexes::LayerRef layer =
+            CommitLocked(keys[i], ids[i], retrieval != nullptr ? &summaries[i] : nullptr);
+        if (layer.sequence != nullptr &&
+            (touched.empty() || touched.back().sequence != layer.sequence ||
+             touched.back().layer != layer.layer)) {
+          touched.push_back(std::move(layer));
+        }
+        statuses[i] = Status::OK();
+      } else {
+        pool->Unpin(ids[i]);
+        statuses[i] = gathered;
+      }
+    }
+  }
+  for (const RetrievalIndexes::LayerRef& layer : touched) retrieval->Apply(layer);
   return gathered.WithContext("PutFromPagedCache");
 }
 

@@ -60,10 +60,47 @@ typedef struct kvtier_layout {
   uint32_t block_tokens;
 } kvtier_layout;
 
+/* Same values as kvtier::SummaryKind, kvtier::IndexBackend, kvtier::SelectionScope. */
+typedef enum kvtier_summary_kind {
+  KVTIER_SUMMARY_CLUSTERS = 0,
+  KVTIER_SUMMARY_MEAN = 1,
+  KVTIER_SUMMARY_MINMAX = 2,
+  KVTIER_SUMMARY_TOPR = 3
+} kvtier_summary_kind;
+
+typedef enum kvtier_index_backend {
+  KVTIER_INDEX_AUTO = 0,
+  KVTIER_INDEX_SCAN = 1,
+  KVTIER_INDEX_FAISS_FLAT = 2,
+  KVTIER_INDEX_FAISS_HNSW = 3,
+  KVTIER_INDEX_INFLLM = 4
+} kvtier_index_backend;
+
+typedef enum kvtier_selection_scope {
+  KVTIER_SCOPE_PER_LAYER = 0,
+  KVTIER_SCOPE_PER_KV_HEAD = 1
+} kvtier_selection_scope;
+
+/* Decode-time retrieval: see kvtier::RetrievalOptions (kvtier/retrieval.h) for each field. */
+typedef struct kvtier_retrieval_options {
+  int enabled; /* non-zero: summaries on put, kvtier_select available. Default: 0. */
+  kvtier_summary_kind summary;
+  uint32_t clusters;
+  uint32_t top_r;
+  kvtier_index_backend backend;
+  uint32_t hnsw_m;
+  uint32_t hnsw_ef_search;
+  uint32_t top_k;
+  uint32_t n_init;
+  uint32_t n_local;
+  kvtier_selection_scope scope;
+} kvtier_retrieval_options;
+
 typedef struct kvtier_options {
   uint64_t host_capacity_bytes; /* see kvtier::StoreOptions for each field */
   kvtier_host_memory host_memory;
   uint32_t async_threads;
+  kvtier_retrieval_options retrieval;
 } kvtier_options;
 
 typedef struct kvtier_block_key {
@@ -93,7 +130,19 @@ typedef struct kvtier_stats {
   uint64_t busy_rejections;
   uint64_t bytes_put;
   uint64_t bytes_got;
+  uint64_t indexed_blocks; /* retrieval: see kvtier::StoreStats */
+  uint64_t index_memory_bytes;
+  uint64_t selects;
+  uint64_t select_nanos;
 } kvtier_stats;
+
+/* What kvtier_select attends besides the selected blocks: see kvtier::SelectInfo. */
+typedef struct kvtier_select_info {
+  uint64_t sink_blocks; /* blocks [0, sink_blocks) */
+  uint64_t local_begin; /* the local window [local_begin, local_end) */
+  uint64_t local_end;
+  uint32_t selected; /* entries of `selected` that name a block (the rest are -1) */
+} kvtier_select_info;
 
 typedef struct kvtier_store kvtier_store;
 
@@ -145,6 +194,25 @@ kvtier_code kvtier_put_async(kvtier_store* store, const kvtier_block_key* key, c
                              uint64_t bytes, kvtier_completion done, void* user_data);
 kvtier_code kvtier_get_async(kvtier_store* store, const kvtier_block_key* key, void* data,
                              uint64_t bytes, kvtier_completion done, void* user_data);
+
+/* Retrieval (kvtier::Store::Select and IndexBlock); KVTIER_FAILED_PRECONDITION unless
+ * the store was opened with retrieval.enabled.
+ *
+ * kvtier_select: `queries` float[num_query_heads * head_dim] (n_queries floats) of one
+ * decoding step; `selected` receives n_selected block indices, best first, -1 padded:
+ * n_selected must be top_k (scope per layer) or num_kv_heads * top_k (per KV head).
+ * `scores` (NULL, or n_selected floats) the fused score of each; `info` (may be NULL)
+ * the sinks and local window. */
+kvtier_code kvtier_select(kvtier_store* store, uint32_t namespace_id, uint64_t sequence_hi,
+                          uint64_t sequence_lo, uint32_t layer, const float* queries,
+                          size_t n_queries, uint64_t context_tokens, int64_t* selected,
+                          size_t n_selected, float* scores, kvtier_select_info* info);
+/* Recomputes a stored block's summary from `data` (kvtier_block_bytes() bytes), its first
+ * valid_tokens tokens, and per-token attention scores (NULL, or n_scores = num_kv_heads *
+ * block_tokens floats). KVTIER_NOT_FOUND when the block is not stored. */
+kvtier_code kvtier_index_block(kvtier_store* store, const kvtier_block_key* key, const void* data,
+                               uint64_t bytes, uint32_t valid_tokens, const float* token_scores,
+                               size_t n_scores);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -7,6 +7,8 @@
 #include <string_view>
 #include <vector>
 
+#include "kvtier/retrieval.h"
+
 namespace kvtier {
 
 class Env;  // storage/env.h: the file-system seam (tests inject faults through it)
@@ -86,6 +88,9 @@ struct StoreOptions {
   // Threads that run asynchronous operations (the *Async calls). At least 1.
   // Default: 2.
   uint32_t async_threads = 2;
+
+  // Decode-time retrieval and the GPU tier (kvtier/retrieval.h). Default: off.
+  RetrievalOptions retrieval;
 };
 
 }  // namespace kvtier

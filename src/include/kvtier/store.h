@@ -40,6 +40,7 @@
 #include "kvtier/layout.h"
 #include "kvtier/options.h"
 #include "kvtier/paged_cache.h"
+#include "kvtier/retrieval.h"
 #include "kvtier/status.h"
 
 struct CUstream_st;  // cudaStream_t is CUstream_st*; no CUDA header needed here
@@ -84,6 +85,46 @@ struct StoreStats {
   uint64_t disk_write_errors = 0;
   uint64_t disk_read_errors = 0;
   uint64_t catalog_commits = 0;  // catalog batches committed
+
+  // Retrieval (RetrievalOptions::enabled).
+  uint64_t indexed_blocks = 0;      // blocks with a summary in the index
+  uint64_t index_memory_bytes = 0;  // bytes the indexes hold
+  uint64_t selects = 0;             // Select calls that returned a selection
+  uint64_t select_nanos = 0;        // time spent in them
+  // GPU tier (RetrievalOptions::device_capacity_bytes > 0).
+  uint64_t device_capacity_bytes = 0;
+  uint64_t device_slots = 0;
+  uint64_t device_blocks = 0;        // blocks resident in the GPU tier
+  bool device_emulated = false;      // the GPU tier lives in host memory (no GPU)
+  uint64_t acquires = 0;             // Acquire calls
+  uint64_t acquired_blocks = 0;      // blocks requested by them
+  uint64_t device_hits = 0;          // ... already resident (or arriving by prefetch)
+  uint64_t device_fetches_host = 0;  // ... copied from the host tier on demand
+  uint64_t device_fetches_disk = 0;  // ... read from disk, then copied, on demand
+  uint64_t device_bytes_in = 0;      // bytes copied into the GPU tier (all causes)
+  uint64_t device_evictions = 0;
+  uint64_t prefetches = 0;           // blocks brought in ahead of an Acquire
+  uint64_t prefetch_hits = 0;        // ... that a later Acquire used
+  uint64_t acquire_stall_nanos = 0;  // time Acquire spent waiting for on-demand data
+};
+
+// What Select attends at one decoding step of one layer: the sink blocks
+// [0, sink_blocks), the local window [local_begin, local_end) and `selected` blocks
+// written to the caller's span (best first; -1 pads).
+struct SelectInfo {
+  uint64_t sink_blocks = 0;
+  uint64_t local_begin = 0;
+  uint64_t local_end = 0;
+  uint32_t selected = 0;
+};
+
+// What Acquire did; `lease` is passed to Release.
+struct AcquireInfo {
+  uint64_t lease = 0;
+  uint32_t hits = 0;         // blocks already in the GPU tier
+  uint32_t from_host = 0;    // copied from the host tier
+  uint32_t from_disk = 0;    // read from disk, then copied
+  uint64_t stall_nanos = 0;  // time spent waiting for on-demand data in this call
 };
 
 // One member of a batch Put: `bytes` must equal Store::block_bytes(); `data` must stay
@@ -185,6 +226,47 @@ class Store {
   std::future<Status> PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses);
   void GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses, Completion done);
   std::future<Status> GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses);
+
+  // --- Retrieval (kvtier/retrieval.h). FailedPrecondition unless options().retrieval
+  // .enabled. ---
+
+  // (Re)computes the summary of a stored block from its keys with per-token attention
+  // scores (float [num_kv_heads][block_tokens]; empty: none) and `valid_tokens` (a partly
+  // filled block: only its first valid_tokens tokens count). `data` holds the block
+  // (block_bytes() bytes: the caller has it, the store does not read it back).
+  // NotFound when no block is stored under `key`.
+  Status IndexBlock(const BlockKey& key, const void* data, uint64_t bytes, uint32_t valid_tokens,
+                    std::span<const float> token_scores);
+
+  // Chooses the blocks of (namespace, sequence, layer) that the queries of one decoding
+  // step need: `queries` float32 [num_query_heads][head_dim], post-rotary as attention
+  // uses them; `context_tokens` the sequence's length so far (it places the local
+  // window). `selected` receives top_k block indices (kPerKvHead: num_kv_heads * top_k,
+  // KV head major), best first, -1 padded; `scores` (empty, or the same size) the fused
+  // score of each (kvtier/retrieval.h). Only indexed blocks can be selected; a sequence
+  // with none selects nothing (not an error). Allocates nothing once the sequence's
+  // index has grown to its size.
+  Result<SelectInfo> Select(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                            std::span<const float> queries, uint64_t context_tokens,
+                            std::span<int64_t> selected, std::span<float> scores = {});
+
+  // Makes the blocks (indices of (namespace, sequence, layer); -1 entries are skipped and
+  // get address 0) resident in the GPU tier and writes their device addresses to
+  // `device_addresses` (same size as `blocks`). Blocks resident already are hits; the
+  // others are copied from the host tier, promoted from disk first when needed. The
+  // copies are ordered before later work on `stream` (the engine's compute stream; the
+  // host does not wait) -- emulated, they are done when Acquire returns. The blocks stay
+  // pinned in the GPU tier until Release(lease). `scores` (empty, or one per block) feed
+  // the score-decay replacement policy. Errors: FailedPrecondition without a GPU tier,
+  // NotFound when a block is stored nowhere (nothing stays pinned), ResourceExhausted
+  // when the blocks pinned by leases fill the tier.
+  Result<AcquireInfo> Acquire(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                              std::span<const int64_t> blocks, CUstream_st* stream,
+                              std::span<uint64_t> device_addresses,
+                              std::span<const float> scores = {});
+  // Unpins the blocks of a lease once the work queued on the Acquire's stream so far has
+  // run. InvalidArgument for an unknown lease.
+  Status Release(uint64_t lease);
 
  private:
   struct Impl;

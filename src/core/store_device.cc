@@ -1,0 +1,153 @@
+// Store::Impl's GPU tier: the BlockSource the DeviceCache pulls blocks through (host
+// slots, promoted from disk when needed), and Store::Acquire / Release with prefetch.
+#include <chrono>
+#include <string>
+
+#include "src/core/device_cache.h"
+#include "src/core/store_impl.h"
+
+namespace kvtier {
+
+// Pins each block in a host slot (promoting it from disk first when it is only there):
+// all or nothing.
+Status Store::Impl::StoreBlockSource::PinHost(std::span<const BlockKey> keys,
+                                              std::span<HostBlockRef> blocks) {
+  Impl& s = *impl;
+  constexpr size_t kInline = 64;
+  ReadPlan inline_plans[kInline];
+  std::vector<ReadPlan> heap_plans;
+  std::span<ReadPlan> plans;
+  if (keys.size() <= kInline) {
+    plans = std::span(inline_plans, keys.size());
+  } else {
+    heap_plans.resize(keys.size());
+    plans = heap_plans;
+  }
+  bool any_promotion = false;
+  {
+    MutexLock lock(&s.mu);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      s.PlanReadLocked(keys[i], plans[i]);
+      any_promotion |= plans[i].promote;
+    }
+  }
+  if (any_promotion) s.Promote(plans, keys);
+  Status first;
+  for (ReadPlan& p : plans) {
+    if (!p.status.ok() && first.ok()) first = p.status;
+  }
+  if (!first.ok()) {
+    MutexLock lock(&s.mu);
+    for (ReadPlan& p : plans) {
+      if (p.slot != BlockIndex::kNoSlot) s.pool->Unpin(p.slot);
+    }
+    return first;
+  }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    blocks[i].data = s.pool->SlotData(plans[i].slot);
+    blocks[i].handle = plans[i].slot;
+    blocks[i].from_disk = plans[i].promote;
+  }
+  return Status::OK();
+}
+
+void Store::Impl::StoreBlockSource::UnpinHost(std::span<const BlockKey>,
+                                              std::span<const HostBlockRef> blocks) {
+  MutexLock lock(&impl->mu);
+  for (const HostBlockRef& b : blocks) impl->pool->Unpin(static_cast<SlotId>(b.handle));
+  impl->slot_cv.notify_all();
+}
+
+Status Store::Impl::OpenDevice() {
+  const RetrievalOptions& r = options.retrieval;
+  if (!r.enabled || r.device_capacity_bytes == 0) return Status::OK();
+  DeviceCacheOptions o;
+  o.policy = r.replacement;
+  o.score_decay = r.score_decay;
+  o.prefetch = r.prefetch;
+  o.force_emulated = r.force_emulated_device;
+  o.per_layer_capacity_blocks = r.device_blocks_per_layer;
+  block_source = std::make_unique<StoreBlockSource>(this);
+  KVTIER_ASSIGN_OR_RETURN(
+      device, DeviceCache::Create(block_bytes, r.device_capacity_bytes, o, block_source.get()));
+  device->AddPinnedHostRange(pool->SlotData(0), pool->region().size());
+  return Status::OK();
+}
+
+void Store::Impl::NoteAcquired(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                               std::span<const int64_t> blocks) {
+  MutexLock lock(&history_mu);
+  LayerHistory& h = history[LayerKey{namespace_id, sequence, layer}];
+  h.acquired.assign(blocks.begin(), blocks.end());
+}
+
+void Store::Impl::NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                                std::span<const int64_t> blocks) {
+  MutexLock lock(&history_mu);
+  LayerHistory& h = history[LayerKey{namespace_id, sequence, layer}];
+  h.runners_up.assign(blocks.begin(), blocks.end());
+}
+
+// While the engine computes this layer: the runners-up of this layer's Select (next
+// step's likely newcomers) and what the next layer acquired last step (in case it was
+// evicted since). The cache skips what is resident and drops what does not fit.
+void Store::Impl::PrefetchAfterAcquire(uint32_t namespace_id, const SequenceId& sequence,
+                                       uint32_t layer) {
+  MutexLock lock(&history_mu);
+  prefetch_scratch.clear();
+  auto it = history.find(LayerKey{namespace_id, sequence, layer});
+  if (it != history.end()) {
+    prefetch_scratch.insert(prefetch_scratch.end(), it->second.runners_up.begin(),
+                            it->second.runners_up.end());
+  }
+  if (!prefetch_scratch.empty()) {
+    (void)device->Prefetch(namespace_id, sequence, layer, prefetch_scratch);
+  }
+  if (layer + 1 < layout.num_layers) {
+    auto next = history.find(LayerKey{namespace_id, sequence, layer + 1});
+    if (next != history.end() && !next->second.acquired.empty()) {
+      (void)device->Prefetch(namespace_id, sequence, layer + 1, next->second.acquired);
+    }
+  }
+}
+
+}  // namespace kvtier
+
+namespace kvtier {
+
+Result<AcquireInfo> Store::Acquire(uint32_t namespace_id, const SequenceId& sequence,
+                                   uint32_t layer, std::span<const int64_t> blocks,
+                                   CUstream_st* stream, std::span<uint64_t> device_addresses,
+                                   std::span<const float> scores) {
+  Impl& s = *impl_;
+  if (!s.options.retrieval.enabled || s.device == nullptr) {
+    return Status::FailedPrecondition(
+        "Acquire: no GPU tier (enable retrieval and set retrieval.device_capacity_bytes)");
+  }
+  if (layer >= s.layout.num_layers) {
+    return Status::InvalidArgument("Acquire: layer " + std::to_string(layer) + " outside [0, " +
+                                   std::to_string(s.layout.num_layers) + ")");
+  }
+  if (device_addresses.size() != blocks.size()) {
+    return Status::InvalidArgument("Acquire: device_addresses must hold one entry per block");
+  }
+  if (!scores.empty() && scores.size() != blocks.size()) {
+    return Status::InvalidArgument("Acquire: scores must be empty or one per block");
+  }
+  KVTIER_ASSIGN_OR_RETURN(AcquireInfo info, s.device->Acquire(namespace_id, sequence, layer, blocks,
+                                                              scores, stream, device_addresses));
+  if (s.options.retrieval.prefetch) {
+    s.NoteAcquired(namespace_id, sequence, layer, blocks);
+    s.PrefetchAfterAcquire(namespace_id, sequence, layer);
+  }
+  return info;
+}
+
+Status Store::Release(uint64_t lease) {
+  if (impl_->device == nullptr) {
+    return Status::FailedPrecondition("Release: the store has no GPU tier");
+  }
+  return impl_->device->Release(lease);
+}
+
+}  // namespace kvtier

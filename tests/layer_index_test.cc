@@ -1,0 +1,245 @@
+// LayerIndex (index/layer_index.h) on the scan backend: its selection against the
+// double-precision ReferenceSelect for every summary kind and both scopes, the estimator's
+// meaning on constructed blocks, Add/Remove, candidate ranges, padding and bad input;
+// and the fusion helpers.
+#include "index/layer_index.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "index/fusion.h"
+#include "kernels/dtype_convert.h"
+
+namespace kvtier {
+namespace {
+
+constexpr uint32_t kKv = 2, kHq = 8, kD = 32, kTokens = 16;
+
+IndexConfig Config(SummaryKind kind, uint32_t rows) {
+  IndexConfig c;
+  c.num_query_heads = kHq;
+  c.summary = {kKv, kD, kTokens, DType::kF32, kind, rows};
+  c.backend = IndexBackend::kScan;
+  return c;
+}
+
+std::vector<float> Randn(uint64_t n, std::mt19937_64& rng, float sd = 1.0f) {
+  std::normal_distribution<float> d(0.0f, sd);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+// Summaries of random blocks (keys with a random per-block offset, so blocks differ).
+std::vector<BlockSummary> RandomSummaries(const IndexConfig& c, uint64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<BlockSummary> out(n);
+  for (uint64_t b = 0; b < n; ++b) {
+    std::vector<float> block = Randn(2ull * kKv * kTokens * kD, rng);
+    const std::vector<float> offset = Randn(kKv * kD, rng, 1.5f);
+    for (uint32_t k = 0; k < kKv; ++k) {
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        for (uint32_t i = 0; i < kD; ++i) block[(k * kTokens + t) * kD + i] += offset[k * kD + i];
+      }
+    }
+    const uint32_t valid = 1 + static_cast<uint32_t>(rng() % kTokens);
+    EXPECT_TRUE(SummarizeBlock(c.summary, block.data(), valid, {}, &out[b]).ok());
+  }
+  return out;
+}
+
+// The selections agree except where the reference's scores tie closely.
+void ExpectSameSelection(const std::vector<int64_t>& got, const std::vector<float>& got_scores,
+                         const std::vector<int64_t>& want, const std::vector<float>& want_scores) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_NEAR(got_scores[i], want_scores[i], 1e-4 * std::abs(want_scores[i]) + 1e-9) << i;
+    if (got[i] != want[i]) {
+      ASSERT_GT(i + 1, 0u);
+      EXPECT_NEAR(want_scores[i], got_scores[i], 1e-4 * std::abs(want_scores[i])) << "at " << i;
+    }
+  }
+}
+
+struct Case {
+  SummaryKind kind;
+  uint32_t rows;
+  SelectionScope scope;
+};
+
+class ScanVsReference : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ScanVsReference, SameSelectionAsTheDefinition) {
+  const Case p = GetParam();
+  IndexConfig c = Config(p.kind, p.rows);
+  auto index = CreateLayerIndex(c);
+  ASSERT_TRUE(index.ok()) << index.status().ToString();
+  const uint64_t n = 300;
+  std::vector<BlockSummary> sums = RandomSummaries(c, n, 11);
+  std::vector<uint64_t> ids;
+  std::vector<const BlockSummary*> ptrs;
+  for (uint64_t b = 0; b < n; ++b) {
+    const uint64_t id = 1000 + 7 * b;  // ids need not be dense
+    ASSERT_TRUE((*index)->Add(id, sums[b]).ok());
+    ids.push_back(id);
+    ptrs.push_back(&sums[b]);
+  }
+  EXPECT_EQ((*index)->size(), n);
+  std::mt19937_64 rng(12);
+  for (int step = 0; step < 5; ++step) {
+    const std::vector<float> q = Randn(kHq * kD, rng, 2.0f);
+    SelectParams sp{q, 10, p.scope, 1000 + 7 * 3, 1000 + 7 * 290};
+    const uint64_t size = SelectOutputSize(c, p.scope, 10);
+    std::vector<int64_t> got(size), want(size);
+    std::vector<float> gs(size), ws(size);
+    ASSERT_TRUE((*index)->Select(sp, got, gs).ok());
+    ASSERT_TRUE(ReferenceSelect(c, ids, ptrs, sp, want, ws).ok());
+    ExpectSameSelection(got, gs, want, ws);
+    for (int64_t id : got) {
+      ASSERT_GE(id, 1000 + 7 * 3);
+      ASSERT_LT(id, 1000 + 7 * 290);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Kinds, ScanVsReference,
+    ::testing::Values(Case{SummaryKind::kClusters, 4, SelectionScope::kPerLayer},
+                      Case{SummaryKind::kClusters, 3, SelectionScope::kPerKvHead},
+                      Case{SummaryKind::kMean, 1, SelectionScope::kPerLayer},
+                      Case{SummaryKind::kMinMax, 2, SelectionScope::kPerLayer},
+                      Case{SummaryKind::kMinMax, 2, SelectionScope::kPerKvHead},
+                      Case{SummaryKind::kTopR, 4, SelectionScope::kPerLayer}));
+
+// A block holding one key aligned with a query head (logit 12) outranks blocks of random
+// keys with random offsets: the clusters keep the needle, the mean dilutes it 16-fold.
+TEST(LayerIndex, ClustersFindALoneNeedleThatTheMeanDilutes) {
+  std::mt19937_64 rng(5);
+  const std::vector<float> q = Randn(kHq * kD, rng, 1.0f);
+  std::vector<uint64_t> hits(2, 0);
+  const SummaryKind kinds[2] = {SummaryKind::kClusters, SummaryKind::kMean};
+  for (int trial = 0; trial < 10; ++trial) {
+    const uint64_t needle_block = 5 + trial * 3;
+    for (int k = 0; k < 2; ++k) {
+      IndexConfig c = Config(kinds[k], k == 0 ? 4 : 1);
+      auto index = CreateLayerIndex(c);
+      ASSERT_TRUE(index.ok());
+      std::mt19937_64 brng(100 + trial);
+      for (uint64_t b = 0; b < 64; ++b) {
+        std::vector<float> block = Randn(2ull * kKv * kTokens * kD, brng);
+        // Blocks differ by a random offset (mean logits of deviation ~1.5), as topics do.
+        const std::vector<float> offset = Randn(kD, brng, 1.5f);
+        for (uint32_t t = 0; t < kTokens; ++t) {
+          for (uint32_t i = 0; i < kD; ++i) block[t * kD + i] += offset[i];
+        }
+        if (b == needle_block) {
+          // Token 9 of KV head 0 points along query head 0 with logit 12.
+          float qq = 0;
+          for (uint32_t i = 0; i < kD; ++i) qq += q[i] * q[i];
+          for (uint32_t i = 0; i < kD; ++i) {
+            block[9 * kD + i] = 12.0f * std::sqrt(float(kD)) * q[i] / qq;
+          }
+        }
+        BlockSummary s;
+        ASSERT_TRUE(SummarizeBlock(c.summary, block.data(), kTokens, {}, &s).ok());
+        ASSERT_TRUE((*index)->Add(b, s).ok());
+      }
+      std::vector<int64_t> out(1);
+      ASSERT_TRUE((*index)->Select({q, 1}, out, {}).ok());
+      hits[k] += out[0] == static_cast<int64_t>(needle_block);
+    }
+  }
+  EXPECT_EQ(hits[0], 10u);
+  EXPECT_LT(hits[1], 10u);
+}
+
+TEST(LayerIndex, AddReplacesRemoveForgetsAndPadding) {
+  IndexConfig c = Config(SummaryKind::kClusters, 2);
+  auto index = CreateLayerIndex(c);
+  ASSERT_TRUE(index.ok());
+  std::vector<BlockSummary> sums = RandomSummaries(c, 6, 3);
+  for (uint64_t b = 0; b < 5; ++b) ASSERT_TRUE((*index)->Add(b, sums[b]).ok());
+  std::mt19937_64 rng(4);
+  const std::vector<float> q = Randn(kHq * kD, rng);
+  std::vector<int64_t> out(8);
+  std::vector<float> sc(8);
+  ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
+  EXPECT_EQ(std::count(out.begin(), out.end(), -1), 3);
+  EXPECT_EQ(sc[7], 0.0f);
+  const int64_t best = out[0];
+  EXPECT_TRUE((*index)->Remove(static_cast<uint64_t>(best)));
+  EXPECT_FALSE((*index)->Remove(static_cast<uint64_t>(best)));
+  ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
+  EXPECT_EQ(std::count(out.begin(), out.end(), best), 0);
+  EXPECT_EQ(std::count(out.begin(), out.end(), -1), 4);
+  // Re-adding block 0 with block 5's summary: same count, new content.
+  ASSERT_TRUE((*index)->Add(static_cast<uint64_t>(best), sums[5]).ok());
+  EXPECT_EQ((*index)->size(), 5u);
+  std::vector<uint64_t> ids;
+  std::vector<const BlockSummary*> ptrs;
+  for (uint64_t b = 0; b < 5; ++b) {
+    ids.push_back(b);
+    ptrs.push_back(b == static_cast<uint64_t>(best) ? &sums[5] : &sums[b]);
+  }
+  std::vector<int64_t> want(8);
+  std::vector<float> ws(8);
+  ASSERT_TRUE(ReferenceSelect(c, ids, ptrs, {q, 8}, want, ws).ok());
+  ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
+  ExpectSameSelection(out, sc, want, ws);
+  EXPECT_GT((*index)->memory_bytes(), 0u);
+}
+
+TEST(LayerIndex, BadArguments) {
+  IndexConfig c = Config(SummaryKind::kMean, 1);
+  auto index = CreateLayerIndex(c);
+  ASSERT_TRUE(index.ok());
+  std::vector<float> q(kHq * kD, 1.0f), short_q(5);
+  std::vector<int64_t> out(4), wrong(3);
+  std::vector<float> bad_scores(2);
+  EXPECT_TRUE((*index)->Select({short_q, 4}, out, {}).IsInvalidArgument());
+  EXPECT_TRUE((*index)->Select({q, 0}, out, {}).IsInvalidArgument());
+  EXPECT_TRUE((*index)->Select({q, 4}, wrong, {}).IsInvalidArgument());
+  EXPECT_TRUE((*index)->Select({q, 4}, out, bad_scores).IsInvalidArgument());
+  BlockSummary other;
+  other.vectors.resize(3);
+  EXPECT_TRUE((*index)->Add(0, other).IsInvalidArgument());
+  IndexConfig bad = c;
+  bad.num_query_heads = 3;
+  EXPECT_TRUE(CreateLayerIndex(bad).status().IsInvalidArgument());
+  bad = c;
+  bad.backend = IndexBackend::kAuto;
+  EXPECT_TRUE(CreateLayerIndex(bad).status().IsInvalidArgument());
+  bad = Config(SummaryKind::kMinMax, 2);
+  bad.backend = IndexBackend::kFaissHnsw;
+  EXPECT_TRUE(CreateLayerIndex(bad).status().IsInvalidArgument());
+}
+
+TEST(Fusion, ExpMatchesStdExp) {
+  std::vector<float> v, want;
+  for (float x = -100.0f; x < 88.0f; x += 0.173f) v.push_back(x);
+  v.push_back(-INFINITY);
+  v.push_back(NAN);
+  for (float x : v) want.push_back(x >= -87.0f ? std::exp(x) : 0.0f);
+  want.back() = 0.0f;
+  ExpInPlace(v.data(), v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    EXPECT_NEAR(v[i], want[i], 3e-7 * want[i] + 1e-38) << i;
+  }
+}
+
+TEST(Fusion, MassFromTermsSumsRowsRelativeToTheLargest) {
+  std::vector<float> t = {0.0f, 1.0f, -INFINITY, 2.0f, -200.0f, -INFINITY};
+  std::vector<float> m(3);
+  const float shift = MassFromTerms(t.data(), 3, 2, m.data());
+  EXPECT_EQ(shift, 2.0f);
+  EXPECT_NEAR(m[0], std::exp(-2.0f) + std::exp(-1.0f), 1e-6);
+  EXPECT_NEAR(m[1], 1.0f, 1e-6);
+  EXPECT_EQ(m[2], 0.0f);
+}
+
+}  // namespace
+}  // namespace kvtier

@@ -1,0 +1,176 @@
+// Block summaries (index/summary.h): each kind against a direct computation, the
+// clustering's guarantees, partial blocks, the catalog encoding and bad input.
+#include "index/summary.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "kernels/dtype_convert.h"
+
+namespace kvtier {
+namespace {
+
+struct Block {
+  SummaryShape shape;
+  std::vector<float> data;  // keys then values, f32 (values never read)
+  float& key(uint32_t kv, uint32_t t, uint32_t c) {
+    return data[(uint64_t{kv} * shape.block_tokens + t) * shape.head_dim + c];
+  }
+};
+
+Block RandomBlock(SummaryKind kind, uint32_t rows, uint64_t seed, uint32_t kv = 2,
+                  uint32_t tokens = 32, uint32_t d = 16) {
+  Block b;
+  b.shape = {kv, d, tokens, DType::kF32, kind, rows};
+  b.data.resize(2ull * kv * tokens * d);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  for (float& v : b.data) v = n(rng);
+  return b;
+}
+
+float Vec(const BlockSummary& s, const SummaryShape& sh, uint32_t kv, uint32_t row, uint32_t c) {
+  return HalfBitsToFloat(s.vectors[(uint64_t{kv} * sh.rows + row) * sh.head_dim + c]);
+}
+
+TEST(Summary, MeanIsTheMeanKey) {
+  Block b = RandomBlock(SummaryKind::kMean, 1, 1);
+  BlockSummary s;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 20, {}, &s).ok());
+  EXPECT_EQ(s.valid_tokens, 20u);
+  for (uint32_t kv = 0; kv < 2; ++kv) {
+    EXPECT_EQ(s.weights[kv], 20.0f);
+    for (uint32_t c = 0; c < 16; ++c) {
+      double m = 0;
+      for (uint32_t t = 0; t < 20; ++t) m += b.key(kv, t, c);
+      EXPECT_NEAR(Vec(s, b.shape, kv, 0, c), m / 20, 2e-3);
+    }
+  }
+}
+
+TEST(Summary, MinMaxBoundsEveryValidKey) {
+  Block b = RandomBlock(SummaryKind::kMinMax, 2, 2);
+  b.key(0, 31, 3) = 1000.0f;  // outside the valid tokens: ignored
+  BlockSummary s;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 31, {}, &s).ok());
+  for (uint32_t kv = 0; kv < 2; ++kv) {
+    for (uint32_t c = 0; c < 16; ++c) {
+      float lo = INFINITY, hi = -INFINITY;
+      for (uint32_t t = 0; t < 31; ++t)
+        lo = std::min(lo, b.key(kv, t, c)), hi = std::max(hi, b.key(kv, t, c));
+      EXPECT_NEAR(Vec(s, b.shape, kv, 0, c), lo, 2e-3);
+      EXPECT_NEAR(Vec(s, b.shape, kv, 1, c), hi, 2e-3);
+    }
+  }
+}
+
+TEST(Summary, TopRTakesTheBestScoredKeysThenTheLargestNorms) {
+  Block b = RandomBlock(SummaryKind::kTopR, 2, 3);
+  std::vector<float> scores(2 * 32, 0.0f);
+  scores[7] = 5, scores[9] = 5, scores[3] = 1;  // head 0: tokens 7 and 9 tie -> 7 first
+  scores[32 + 30] = 2, scores[32 + 1] = 3;      // head 1: 1 then 30
+  BlockSummary s;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 32, scores, &s).ok());
+  for (uint32_t c = 0; c < 16; ++c) {
+    EXPECT_EQ(Vec(s, b.shape, 0, 0, c), HalfBitsToFloat(FloatToHalfBits(b.key(0, 7, c))));
+    EXPECT_EQ(Vec(s, b.shape, 0, 1, c), HalfBitsToFloat(FloatToHalfBits(b.key(0, 9, c))));
+    EXPECT_EQ(Vec(s, b.shape, 1, 0, c), HalfBitsToFloat(FloatToHalfBits(b.key(1, 1, c))));
+    EXPECT_EQ(Vec(s, b.shape, 1, 1, c), HalfBitsToFloat(FloatToHalfBits(b.key(1, 30, c))));
+  }
+  EXPECT_EQ(s.weights[0], 16.0f);
+  // Without scores: the largest-norm keys.
+  for (uint32_t c = 0; c < 16; ++c) b.key(0, 12, c) = 9.0f;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 32, {}, &s).ok());
+  EXPECT_EQ(Vec(s, b.shape, 0, 0, 5), 9.0f);
+}
+
+TEST(Summary, ClustersPartitionTheTokensAndIsolateAnOutlier) {
+  Block b = RandomBlock(SummaryKind::kClusters, 4, 4, 2, 128, 32);
+  // Head 1: one key far from the rest (a needle) must keep a centroid of its own.
+  for (uint32_t c = 0; c < 32; ++c) b.key(1, 77, c) = 12.0f * ((c % 3 == 0) ? 1.0f : -0.5f);
+  BlockSummary s;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 128, {}, &s).ok());
+  for (uint32_t kv = 0; kv < 2; ++kv) {
+    float total = 0;
+    for (uint32_t j = 0; j < 4; ++j) total += s.weights[kv * 4 + j];
+    EXPECT_EQ(total, 128.0f);
+  }
+  bool isolated = false;
+  for (uint32_t j = 0; j < 4; ++j) {
+    if (s.weights[4 + j] != 1.0f) continue;
+    bool same = true;
+    for (uint32_t c = 0; c < 32; ++c) {
+      same &= std::abs(Vec(s, b.shape, 1, j, c) - b.key(1, 77, c)) < 1e-2f;
+    }
+    isolated |= same;
+  }
+  EXPECT_TRUE(isolated);
+  // Weighted centroids average back to the mean key.
+  for (uint32_t c = 0; c < 32; ++c) {
+    double m = 0, w = 0;
+    for (uint32_t t = 0; t < 128; ++t) m += b.key(0, t, c);
+    for (uint32_t j = 0; j < 4; ++j) w += s.weights[j] * Vec(s, b.shape, 0, j, c);
+    EXPECT_NEAR(w / 128, m / 128, 5e-3);
+  }
+}
+
+TEST(Summary, FewerTokensThanClustersLeavesEmptyClusters) {
+  Block b = RandomBlock(SummaryKind::kClusters, 4, 5);
+  BlockSummary s;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 2, {}, &s).ok());
+  int empty = 0;
+  for (uint32_t j = 0; j < 4; ++j) empty += s.weights[j] == 0.0f;
+  EXPECT_EQ(empty, 2);
+}
+
+TEST(Summary, Bf16KeysAndSaturation) {
+  SummaryShape sh{1, 8, 4, DType::kBF16, SummaryKind::kMean, 1};
+  std::vector<uint16_t> block(2 * 4 * 8);
+  for (uint32_t t = 0; t < 4; ++t) {
+    for (uint32_t c = 0; c < 8; ++c) block[t * 8 + c] = FloatToBf16Bits(c == 0 ? 1e6f : float(t));
+  }
+  BlockSummary s;
+  ASSERT_TRUE(SummarizeBlock(sh, block.data(), 4, {}, &s).ok());
+  EXPECT_EQ(HalfBitsToFloat(s.vectors[0]), 65504.0f);  // saturated, not infinite
+  EXPECT_NEAR(HalfBitsToFloat(s.vectors[1]), 1.5f, 1e-3);
+}
+
+TEST(Summary, EncodeDecodeRoundTripAndRejectsOtherShapes) {
+  Block b = RandomBlock(SummaryKind::kClusters, 4, 6);
+  BlockSummary s, back;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 30, {}, &s).ok());
+  std::vector<std::byte> bytes = EncodeSummary(b.shape, s);
+  ASSERT_TRUE(DecodeSummary(b.shape, bytes, &back).ok());
+  EXPECT_EQ(back.vectors, s.vectors);
+  EXPECT_EQ(back.weights, s.weights);
+  EXPECT_EQ(back.valid_tokens, 30u);
+  SummaryShape other = b.shape;
+  other.rows = 2;
+  EXPECT_TRUE(DecodeSummary(other, bytes, &back).code() == StatusCode::kCorruption);
+  std::vector<std::byte> cut(bytes.begin(), bytes.end() - 1);
+  EXPECT_TRUE(DecodeSummary(b.shape, cut, &back).code() == StatusCode::kCorruption);
+  bytes[0] = std::byte{9};
+  EXPECT_TRUE(DecodeSummary(b.shape, bytes, &back).code() == StatusCode::kCorruption);
+}
+
+TEST(Summary, BadInput) {
+  Block b = RandomBlock(SummaryKind::kMean, 1, 7);
+  BlockSummary s;
+  EXPECT_TRUE(SummarizeBlock(b.shape, nullptr, 4, {}, &s).IsInvalidArgument());
+  EXPECT_TRUE(SummarizeBlock(b.shape, b.data.data(), 0, {}, &s).IsInvalidArgument());
+  EXPECT_TRUE(SummarizeBlock(b.shape, b.data.data(), 33, {}, &s).IsInvalidArgument());
+  std::vector<float> short_scores(3);
+  EXPECT_TRUE(SummarizeBlock(b.shape, b.data.data(), 4, short_scores, &s).IsInvalidArgument());
+  SummaryShape bad = b.shape;
+  bad.rows = 2;  // kMean has one row
+  EXPECT_TRUE(SummarizeBlock(bad, b.data.data(), 4, {}, &s).IsInvalidArgument());
+  bad = b.shape;
+  bad.head_dim = 2048;
+  EXPECT_TRUE(SummarizeBlock(bad, b.data.data(), 4, {}, &s).IsInvalidArgument());
+}
+
+}  // namespace
+}  // namespace kvtier
