@@ -88,26 +88,30 @@ void Store::Impl::NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequenc
   h.runners_up.assign(blocks.begin(), blocks.end());
 }
 
-// While the engine computes this layer: the runners-up of this layer's Select (next
-// step's likely newcomers) and what the next layer acquired last step (in case it was
-// evicted since). The cache skips what is resident and drops what does not fit.
+// While the engine computes layer l, in this order: for layer l + 1, the blocks layer l
+// just acquired (adjacent layers attend to the same positions: when layer l's selection
+// moves to a new span, the next layers' usually do too), and what layer l + 1 acquired
+// last step (in case it was evicted since); for layer l, its Select's runners-up (the
+// likely newcomers at the next step as the queries drift). The cache skips blocks that
+// are resident or on their way and drops what does not fit without stalling.
 void Store::Impl::PrefetchAfterAcquire(uint32_t namespace_id, const SequenceId& sequence,
                                        uint32_t layer) {
   MutexLock lock(&history_mu);
-  prefetch_scratch.clear();
   auto it = history.find(LayerKey{namespace_id, sequence, layer});
-  if (it != history.end()) {
-    prefetch_scratch.insert(prefetch_scratch.end(), it->second.runners_up.begin(),
-                            it->second.runners_up.end());
-  }
-  if (!prefetch_scratch.empty()) {
-    (void)device->Prefetch(namespace_id, sequence, layer, prefetch_scratch);
-  }
+  if (it == history.end()) return;
   if (layer + 1 < layout.num_layers) {
+    prefetch_scratch.assign(it->second.acquired.begin(), it->second.acquired.end());
     auto next = history.find(LayerKey{namespace_id, sequence, layer + 1});
-    if (next != history.end() && !next->second.acquired.empty()) {
-      (void)device->Prefetch(namespace_id, sequence, layer + 1, next->second.acquired);
+    if (next != history.end()) {
+      prefetch_scratch.insert(prefetch_scratch.end(), next->second.acquired.begin(),
+                              next->second.acquired.end());
     }
+    if (!prefetch_scratch.empty()) {
+      (void)device->Prefetch(namespace_id, sequence, layer + 1, prefetch_scratch);
+    }
+  }
+  if (!it->second.runners_up.empty()) {
+    (void)device->Prefetch(namespace_id, sequence, layer, it->second.runners_up);
   }
 }
 
