@@ -3,12 +3,14 @@
 #include <CLI/CLI.hpp>
 
 #include "tools/demo.h"
+#include "tools/eval.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"kvtier: tiered KV-cache offload store, command-line tool"};
   app.require_subcommand(1);
   int exit_code = 0;
   kvtier::tools::AddDemoCommand(app, &exit_code);
+  kvtier::tools::AddEvalCommand(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
