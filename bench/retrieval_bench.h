@@ -9,8 +9,8 @@
 // oracle's top-k (sinks and window excluded), attention-mass coverage of the attended
 // set, relative L2 error of the sparse attention output, needle hit rate, bytes of
 // summary per block, and the Select time per layer on one core (median over steps and
-// layers). The formulations: kvtier's estimator over clusters (4 and 2 per KV head), the
-// mean key, Quest's min/max and the top-R keys by norm, each on the scan backend, the
+// layers). The formulations: kvtier's estimator over clusters (3, the default, 4 and 2 per KV
+// head), the mean key, Quest's min/max and the top-R keys by norm, each on the scan backend, the
 // default also on FAISS flat and HNSW; and InfLLM's own FAISS formulation (concatenated
 // per-head means, IndexFlatIP) over the mean key and over top-R keys chosen by the
 // attention they receive from the step-0 queries (InfLLM's scores; this gives InfLLM the

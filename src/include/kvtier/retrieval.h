@@ -80,9 +80,11 @@ struct RetrievalOptions {
   // Default: false (a plain cache pays nothing).
   bool enabled = false;
 
-  // Default: kClusters with 4 centroids per KV head; R = 4 for kTopR.
+  // Default: kClusters with 3 centroids per KV head (on `kvtier-bench retrieval`: 4 gain
+  // recall at 32K tokens but not at 128K and cost a third more Select time, 2 lose
+  // recall at 32K; bench/RESULTS.md); R = 4 for kTopR.
   SummaryKind summary = SummaryKind::kClusters;
-  uint32_t clusters = 4;
+  uint32_t clusters = 3;
   uint32_t top_r = 4;
 
   // Default: kAuto.
