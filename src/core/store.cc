@@ -436,6 +436,7 @@ Result<uint64_t> Store::DropSequence(uint32_t namespace_id, const SequenceId& se
     ++d.stats.dropped_sequences;
     d.stats.dropped_blocks += n;
   }
+  if (d.device != nullptr) d.ForgetHistory(namespace_id, sequence);
   return n;
 }
 

@@ -88,6 +88,13 @@ void Store::Impl::NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequenc
   h.runners_up.assign(blocks.begin(), blocks.end());
 }
 
+void Store::Impl::ForgetHistory(uint32_t namespace_id, const SequenceId& sequence) {
+  MutexLock lock(&history_mu);
+  for (uint32_t layer = 0; layer < layout.num_layers; ++layer) {
+    history.erase(LayerKey{namespace_id, sequence, layer});
+  }
+}
+
 // While the engine computes layer l, in this order: for layer l + 1, the blocks layer l
 // just acquired (adjacent layers attend to the same positions: when layer l's selection
 // moves to a new span, the next layers' usually do too), and what layer l + 1 acquired

@@ -246,6 +246,8 @@ struct Store::Impl {
                     std::span<const int64_t> blocks);
   void NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
                      std::span<const int64_t> blocks);
+  // Drops a sequence's history (DropSequence), so that it does not outlive the sequence.
+  void ForgetHistory(uint32_t namespace_id, const SequenceId& sequence);
   struct LayerKey {
     uint32_t namespace_id;
     SequenceId sequence;
