@@ -646,12 +646,16 @@ void DeviceCache::Reap() {
     if (completed_.empty()) return;
     load = completed_.back();
     completed_.pop_back();
+    ++unpinning_;  // Drain waits for the host pins this call returns
   }
   for (;;) {
     if (!load->keys.empty()) source_->UnpinHost(load->keys, load->host);
     MutexLock lock(&mu_);
     RecycleLoadLocked(load);
-    if (completed_.empty()) return;
+    if (completed_.empty()) {
+      if (--unpinning_ == 0) idle_cv_.notify_all();
+      return;
+    }
     load = completed_.back();
     completed_.pop_back();
   }
@@ -1115,6 +1119,9 @@ Status DeviceCache::Drain() {
   }
   Status status = engine_->Synchronize();
   Reap();
+  // Another thread's Reap (the prefetch thread's) may still be returning host pins.
+  MutexLock lock(&mu_);
+  while (unpinning_ > 0) idle_cv_.wait(mu_);
   return status;
 }
 

@@ -299,6 +299,7 @@ class DeviceCache {
   std::vector<Load*> completed_ KVTIER_GUARDED_BY(mu_);  // copies run; host unpin pending
   std::deque<Load*> prefetch_queue_ KVTIER_GUARDED_BY(mu_);
   uint32_t prefetch_running_ KVTIER_GUARDED_BY(mu_) = 0;    // loads the thread is fetching
+  uint32_t unpinning_ KVTIER_GUARDED_BY(mu_) = 0;           // Reap calls returning host pins
   uint32_t prefetch_in_flight_ KVTIER_GUARDED_BY(mu_) = 0;  // prefetch loads in in_flight_
   bool stopping_ KVTIER_GUARDED_BY(mu_) = false;
   uint64_t tick_ KVTIER_GUARDED_BY(mu_) = 0;        // acquires and prefetches (LRU order)
