@@ -119,6 +119,7 @@ struct ContextResult {
   std::vector<Formulation> forms;
   std::vector<Accum> acc;
   std::vector<uint64_t> summary_bytes;
+  std::vector<double> summarize_us;  // per formulation: mean SummarizeBlock time per block
   Accum best;  // the oracle's own top-k: the budget's ceiling on coverage and error
 };
 
@@ -172,6 +173,7 @@ Status RunContext(const Config& cfg, uint64_t tokens, bool with_oracle, ContextR
       }
     }
     std::vector<std::vector<BlockSummary>> sums(specs.size(), std::vector<BlockSummary>(blocks));
+    std::vector<double> spec_us(specs.size(), 0.0);
     for (uint64_t b = 0; b < blocks; ++b) {
       KVTIER_RETURN_IF_ERROR(wl->FillBlock(layer, b, block.data()));
       const uint32_t valid = static_cast<uint32_t>(std::min<uint64_t>(bt, tokens - b * bt));
@@ -200,8 +202,15 @@ Status RunContext(const Config& cfg, uint64_t tokens, bool with_oracle, ContextR
           }
           sc = scores;
         }
+        const auto t0 = std::chrono::steady_clock::now();
         KVTIER_RETURN_IF_ERROR(SummarizeBlock(s, block.data(), valid, sc, &sums[i][b]));
+        spec_us[i] += MicrosSince(t0);
       }
+    }
+    res->summarize_us.assign(res->forms.size(), 0.0);
+    for (size_t f = 0; f < res->forms.size(); ++f) {
+      const size_t si = std::find(specs.begin(), specs.end(), res->forms[f].spec) - specs.begin();
+      res->summarize_us[f] = spec_us[si] / double(blocks);  // the last layer's mean
     }
     for (uint32_t s = 0; with_oracle && s < cfg.steps; ++s) {
       const std::vector<uint64_t> top = oracles[s]->OracleTopK(policy);
@@ -277,8 +286,8 @@ double Mean(double sum, const Accum& a) { return a.evals ? sum / a.evals : NAN; 
 void PrintContext(const ContextResult& r) {
   std::printf("\n%llu tokens (%s), Llama-3-8B layer shape, top-k 16, n_init 128, n_local 4096\n",
               static_cast<unsigned long long>(r.tokens), r.oracle ? "with oracle" : "needles only");
-  std::printf("  %-22s %8s %9s %9s %9s %10s %12s\n", "formulation", "recall", "coverage", "out_err",
-              "needles", "select_us", "bytes/block");
+  std::printf("  %-22s %8s %9s %9s %9s %10s %12s %12s\n", "formulation", "recall", "coverage",
+              "out_err", "needles", "select_us", "bytes/block", "summarize_us");
   for (size_t f = 0; f < r.forms.size(); ++f) {
     const Accum& a = r.acc[f];
     if (a.failed) {
@@ -286,11 +295,12 @@ void PrintContext(const ContextResult& r) {
       continue;
     }
     const double ev = std::max<uint64_t>(1, a.evals);
-    std::printf("  %-22s %8.3f %9.3f %9.4f %4llu/%-4llu %10.1f %12llu\n", r.forms[f].name.c_str(),
-                r.oracle ? a.recall / ev : NAN, r.oracle ? a.coverage / ev : NAN,
-                r.oracle ? a.error / ev : NAN, static_cast<unsigned long long>(a.needles_hit),
+    std::printf("  %-22s %8.3f %9.3f %9.4f %4llu/%-4llu %10.1f %12llu %12.1f\n",
+                r.forms[f].name.c_str(), r.oracle ? a.recall / ev : NAN,
+                r.oracle ? a.coverage / ev : NAN, r.oracle ? a.error / ev : NAN,
+                static_cast<unsigned long long>(a.needles_hit),
                 static_cast<unsigned long long>(a.needles), Median(a.select_us),
-                static_cast<unsigned long long>(r.summary_bytes[f]));
+                static_cast<unsigned long long>(r.summary_bytes[f]), r.summarize_us[f]);
   }
   if (r.oracle) {
     std::printf("  %-22s %8.3f %9.3f %9.4f   (the oracle's own top-k: the budget's ceiling)\n",
