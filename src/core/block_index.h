@@ -18,6 +18,18 @@
 
 namespace kvtier {
 
+// A sequence within its namespace: the key of the per-sequence maps of src/core.
+struct SequenceKey {
+  uint32_t namespace_id;
+  SequenceId sequence;
+  friend bool operator==(const SequenceKey&, const SequenceKey&) = default;
+};
+struct SequenceKeyHash {
+  size_t operator()(const SequenceKey& k) const noexcept {
+    return SequenceIdHash{}(k.sequence) ^ (size_t{k.namespace_id} * 0x9E3779B97F4A7C15ull);
+  }
+};
+
 class BlockIndex {
  public:
   static constexpr SlotId kNoSlot = UINT32_MAX;
@@ -52,16 +64,6 @@ class BlockIndex {
   uint64_t sequence_count() const { return sequences_.size(); }
 
  private:
-  struct SequenceKey {
-    uint32_t namespace_id;
-    SequenceId sequence;
-    friend bool operator==(const SequenceKey&, const SequenceKey&) = default;
-  };
-  struct SequenceKeyHash {
-    size_t operator()(const SequenceKey& k) const noexcept {
-      return SequenceIdHash{}(k.sequence) ^ (size_t{k.namespace_id} * 0x9E3779B97F4A7C15ull);
-    }
-  };
   struct Chain {
     Entry* head = nullptr;
     uint64_t blocks = 0;

@@ -256,7 +256,7 @@ struct Store::Impl {
   };
   struct LayerKeyHash {
     size_t operator()(const LayerKey& k) const noexcept {
-      return SequenceIdHash{}(k.sequence) ^ (size_t{k.namespace_id} * 0x9E3779B97F4A7C15ull) ^
+      return SequenceKeyHash{}(SequenceKey{k.namespace_id, k.sequence}) ^
              (size_t{k.layer} * 0xC2B2AE3D27D4EB4Full);
     }
   };

@@ -35,6 +35,7 @@
 #include "kvtier/retrieval.h"
 #include "kvtier/status.h"
 #include "kvtier/store.h"
+#include "src/core/block_index.h"
 #include "src/util/mutex.h"
 
 namespace kvtier {
@@ -93,16 +94,6 @@ class RetrievalIndexes {
     std::atomic<uint64_t> memory_bytes{0};
     std::atomic<uint64_t> selects{0};
     std::atomic<uint64_t> select_nanos{0};
-  };
-  struct SequenceKey {
-    uint32_t namespace_id;
-    SequenceId sequence;
-    friend bool operator==(const SequenceKey&, const SequenceKey&) = default;
-  };
-  struct SequenceKeyHash {
-    size_t operator()(const SequenceKey& k) const noexcept {
-      return SequenceIdHash{}(k.sequence) ^ (size_t{k.namespace_id} * 0x9E3779B97F4A7C15ull);
-    }
   };
 
   RetrievalIndexes(const ModelLayout& layout, const RetrievalOptions& options,
