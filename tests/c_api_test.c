@@ -148,6 +148,13 @@ static void TestNamesAndDefaults(void) {
   CHECK(o.retrieval.n_init == 128);
   CHECK(o.retrieval.n_local == 4096);
   CHECK(o.retrieval.scope == KVTIER_SCOPE_PER_LAYER);
+  CHECK(o.retrieval.device_capacity_bytes == 0);
+  CHECK(o.retrieval.replacement == KVTIER_REPLACEMENT_LRU);
+  CHECK(o.retrieval.score_decay > 0.89f && o.retrieval.score_decay < 0.91f);
+  CHECK(o.retrieval.prefetch == 1);
+  CHECK(o.retrieval.prefetch_extra == 4);
+  CHECK(o.retrieval.device_blocks_per_layer == 0);
+  CHECK(o.retrieval.force_emulated_device == 0);
   kvtier_options_init(NULL); /* no crash */
   kvtier_layout_llama3_8b(NULL);
 }
@@ -734,6 +741,126 @@ static void TestRetrieval(void) {
   free(noise_block);
 }
 
+/* The GPU tier through the C API, emulated in host memory (force_emulated_device), so
+ * the device addresses can be read back here: every acquired block's bytes must be the
+ * block that was put, in place when kvtier_acquire returns. */
+static void TestAcquire(void) {
+  enum { kBlocks = 12 };
+  kvtier_layout l;
+  kvtier_options o;
+  kvtier_store* store = NULL;
+  kvtier_stats st;
+  kvtier_acquire_info info;
+  float* blocks[kBlocks];
+  int64_t want[6] = {0, 6, -1, 3, 10, 11};
+  int64_t missing[2] = {4, 40};
+  uint64_t addresses[6];
+  uint64_t again[6];
+  uint64_t bytes, lease;
+  uint32_t b, i;
+
+  l.num_layers = 2;
+  l.num_kv_heads = kKvHeads;
+  l.num_query_heads = kQueryHeads;
+  l.head_dim = kHeadDim;
+  l.dtype = KVTIER_DTYPE_F32;
+  l.block_tokens = kBlockTokens;
+  bytes = kvtier_layout_block_bytes(&l);
+  for (b = 0; b < kBlocks; ++b) {
+    blocks[b] = (float*)Allocate(bytes);
+    FillRetrievalBlock(blocks[b], b == 6 ? 6.0f : 0.0f);
+  }
+  kvtier_options_init(&o);
+  o.host_capacity_bytes = 64 * bytes;
+  o.host_memory = KVTIER_HOST_MEMORY_PLAIN;
+  o.retrieval.enabled = 1;
+  o.retrieval.top_k = 2;
+  o.retrieval.n_init = 16;
+  o.retrieval.n_local = 32;
+  o.retrieval.force_emulated_device = 1;
+
+  /* No GPU tier configured: refused. */
+  CHECK_OK(kvtier_open(&o, &l, &store));
+  CHECK_OK(kvtier_put(store, &(kvtier_block_key){0, 0, 2, 0, 0}, blocks[0], bytes));
+  CHECK_CODE(kvtier_acquire(store, 0, 0, 2, 0, want, 1, NULL, addresses, NULL, &info),
+             KVTIER_FAILED_PRECONDITION);
+  kvtier_close(store);
+
+  o.retrieval.device_capacity_bytes = 8 * bytes;
+  o.retrieval.prefetch = 0; /* the counts below are exact without background prefetch */
+  CHECK_OK(kvtier_open(&o, &l, &store));
+  for (b = 0; b < kBlocks; ++b) {
+    CHECK_OK(kvtier_put(store, &(kvtier_block_key){0, 0, 2, 0, b}, blocks[b], bytes));
+  }
+  memset(addresses, 0xAB, sizeof(addresses));
+  CHECK_OK(kvtier_acquire(store, 0, 0, 2, 0, want, 6, NULL, addresses, NULL, &info));
+  CHECK(info.hits == 0);
+  CHECK(info.from_host == 5);
+  CHECK(info.from_disk == 0);
+  lease = info.lease;
+  for (i = 0; i < 6; ++i) {
+    if (want[i] < 0) {
+      CHECK(addresses[i] == 0);
+      continue;
+    }
+    CHECK(addresses[i] != 0);
+    CHECK(memcmp((const void*)(uintptr_t)addresses[i], blocks[want[i]], bytes) == 0);
+  }
+  /* The same blocks again, under a second lease: all hits, at the same addresses. */
+  CHECK_OK(kvtier_acquire(store, 0, 0, 2, 0, want, 6, NULL, again, NULL, &info));
+  CHECK(info.hits == 5 && info.from_host == 0);
+  CHECK(memcmp(again, addresses, sizeof(again)) == 0);
+  CHECK(info.lease != lease);
+  CHECK_OK(kvtier_release(store, info.lease));
+
+  memset(&st, 0xAB, sizeof(st));
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.device_capacity_bytes >= 8 * bytes);
+  CHECK(st.device_slots == 8);
+  CHECK(st.device_blocks == 5);
+  CHECK(st.device_emulated == 1);
+  CHECK(st.acquires == 2);
+  CHECK(st.acquired_blocks == 10);
+  CHECK(st.device_hits == 5);
+  CHECK(st.device_fetches_host == 5);
+  CHECK(st.device_fetches_disk == 0);
+  CHECK(st.device_bytes_in == 5 * bytes);
+  CHECK(st.disk_capacity_bytes == 0); /* memory-only */
+
+  /* A block stored nowhere: NotFound, and nothing of the call stays pinned. */
+  CHECK_CODE(kvtier_acquire(store, 0, 0, 2, 0, missing, 2, NULL, again, NULL, &info),
+             KVTIER_NOT_FOUND);
+  /* Pinned blocks fill the tier: the 5 of the first lease plus 4 more do not fit in 8. */
+  {
+    int64_t more[4] = {1, 2, 4, 5};
+    CHECK_CODE(kvtier_acquire(store, 0, 0, 2, 0, more, 4, NULL, again, NULL, &info),
+               KVTIER_RESOURCE_EXHAUSTED);
+    CHECK_OK(kvtier_release(store, lease));
+    CHECK_OK(kvtier_acquire(store, 0, 0, 2, 0, more, 4, NULL, again, NULL, &info));
+    for (i = 0; i < 4; ++i) {
+      CHECK(memcmp((const void*)(uintptr_t)again[i], blocks[more[i]], bytes) == 0);
+    }
+    CHECK_OK(kvtier_release(store, info.lease));
+  }
+
+  /* Malformed calls. */
+  CHECK_CODE(kvtier_release(store, lease), KVTIER_INVALID_ARGUMENT); /* released already */
+  CHECK_ERROR_MENTIONS("lease");
+  CHECK_CODE(kvtier_acquire(store, 0, 0, 2, 0, want, 6, NULL, addresses, NULL, NULL),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_acquire(store, 0, 0, 2, 0, NULL, 6, NULL, addresses, NULL, &info),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_acquire(store, 0, 0, 2, 0, want, 6, NULL, NULL, NULL, &info),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_acquire(NULL, 0, 0, 2, 0, want, 6, NULL, addresses, NULL, &info),
+             KVTIER_INVALID_ARGUMENT);
+  CHECK_CODE(kvtier_acquire(store, 0, 0, 2, 5, want, 6, NULL, addresses, NULL, &info),
+             KVTIER_INVALID_ARGUMENT); /* layer 5 of 2 */
+  CHECK_CODE(kvtier_release(NULL, 1), KVTIER_INVALID_ARGUMENT);
+  kvtier_close(store);
+  for (b = 0; b < kBlocks; ++b) free(blocks[b]);
+}
+
 int main(int argc, char** argv) {
   kvtier_layout llama;
   g_seed = argc > 1 ? strtoull(argv[1], NULL, 0) : (uint64_t)time(NULL);
@@ -747,6 +874,7 @@ int main(int argc, char** argv) {
   TestLlamaStore(&llama);
   TestSmallStoreLru();
   TestRetrieval();
+  TestAcquire();
   printf("c_api_test: all checks passed\n");
   return 0;
 }

@@ -118,7 +118,14 @@ void kvtier_options_init(kvtier_options* options) {
                                                 r.top_k,
                                                 r.n_init,
                                                 r.n_local,
-                                                static_cast<kvtier_selection_scope>(r.scope)};
+                                                static_cast<kvtier_selection_scope>(r.scope),
+                                                r.device_capacity_bytes,
+                                                static_cast<kvtier_replacement>(r.replacement),
+                                                r.score_decay,
+                                                r.prefetch ? 1 : 0,
+                                                r.prefetch_extra,
+                                                r.device_blocks_per_layer,
+                                                r.force_emulated_device ? 1 : 0};
 }
 
 void kvtier_layout_llama3_8b(kvtier_layout* layout) {
@@ -167,6 +174,13 @@ kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layo
     o.retrieval.n_init = r.n_init;
     o.retrieval.n_local = r.n_local;
     o.retrieval.scope = FromCEnum<kvtier::SelectionScope>(r.scope);
+    o.retrieval.device_capacity_bytes = r.device_capacity_bytes;
+    o.retrieval.replacement = FromCEnum<kvtier::ReplacementPolicy>(r.replacement);
+    o.retrieval.score_decay = r.score_decay;
+    o.retrieval.prefetch = r.prefetch != 0;
+    o.retrieval.prefetch_extra = r.prefetch_extra;
+    o.retrieval.device_blocks_per_layer = r.device_blocks_per_layer;
+    o.retrieval.force_emulated_device = r.force_emulated_device != 0;
     KVTIER_ASSIGN_OR_RETURN(auto s, kvtier::Store::Open(o, ToLayout(*layout)));
     *store = new kvtier_store{std::move(s)};
     return kvtier::Status::OK();
@@ -240,7 +254,35 @@ kvtier_code kvtier_stats_get(const kvtier_store* store, kvtier_stats* stats) {
                         s.indexed_blocks,
                         s.index_memory_bytes,
                         s.selects,
-                        s.select_nanos};
+                        s.select_nanos,
+                        s.put_waits,
+                        s.disk_capacity_bytes,
+                        s.disk_used_bytes,
+                        s.disk_free_extents,
+                        s.disk_blocks,
+                        s.dirty_blocks,
+                        s.corrupt_blocks,
+                        s.disk_writes,
+                        s.disk_bytes_written,
+                        s.disk_reads,
+                        s.disk_bytes_read,
+                        s.disk_write_errors,
+                        s.disk_read_errors,
+                        s.catalog_commits,
+                        s.device_capacity_bytes,
+                        s.device_slots,
+                        s.device_blocks,
+                        s.device_emulated ? 1 : 0,
+                        s.acquires,
+                        s.acquired_blocks,
+                        s.device_hits,
+                        s.device_fetches_host,
+                        s.device_fetches_disk,
+                        s.device_bytes_in,
+                        s.device_evictions,
+                        s.prefetches,
+                        s.prefetch_hits,
+                        s.acquire_stall_nanos};
   return KVTIER_OK;
 }
 
@@ -320,6 +362,34 @@ kvtier_code kvtier_select(kvtier_store* store, uint32_t namespace_id, uint64_t s
     }
     return kvtier::Status::OK();
   });
+}
+
+kvtier_code kvtier_acquire(kvtier_store* store, uint32_t namespace_id, uint64_t sequence_hi,
+                           uint64_t sequence_lo, uint32_t layer, const int64_t* blocks,
+                           size_t n_blocks, void* stream, uint64_t* device_addresses,
+                           const float* scores, kvtier_acquire_info* info) {
+  if (store == nullptr) return NullArgument("store");
+  if (info == nullptr) return NullArgument("info (its lease is the only handle to release)");
+  if (n_blocks > 0 && (blocks == nullptr || device_addresses == nullptr)) {
+    return NullArgument("blocks or device_addresses");
+  }
+  return Guard([&]() -> kvtier::Status {
+    KVTIER_ASSIGN_OR_RETURN(
+        kvtier::AcquireInfo i,
+        store->store->Acquire(namespace_id, {sequence_hi, sequence_lo}, layer,
+                              std::span<const int64_t>(blocks, n_blocks),
+                              static_cast<CUstream_st*>(stream),
+                              std::span<uint64_t>(device_addresses, n_blocks),
+                              scores != nullptr ? std::span<const float>(scores, n_blocks)
+                                                : std::span<const float>()));
+    *info = kvtier_acquire_info{i.lease, i.hits, i.from_host, i.from_disk, i.stall_nanos};
+    return kvtier::Status::OK();
+  });
+}
+
+kvtier_code kvtier_release(kvtier_store* store, uint64_t lease) {
+  if (store == nullptr) return NullArgument("store");
+  return Guard([&] { return store->store->Release(lease); });
 }
 
 kvtier_code kvtier_index_block(kvtier_store* store, const kvtier_block_key* key, const void* data,

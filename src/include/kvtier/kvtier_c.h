@@ -73,13 +73,20 @@ typedef enum kvtier_index_backend {
   KVTIER_INDEX_SCAN = 1,
   KVTIER_INDEX_FAISS_FLAT = 2,
   KVTIER_INDEX_FAISS_HNSW = 3,
-  KVTIER_INDEX_INFLLM = 4
+  KVTIER_INDEX_INFLLM = 4,
+  KVTIER_INDEX_GPU = 5
 } kvtier_index_backend;
 
 typedef enum kvtier_selection_scope {
   KVTIER_SCOPE_PER_LAYER = 0,
   KVTIER_SCOPE_PER_KV_HEAD = 1
 } kvtier_selection_scope;
+
+/* Same values as kvtier::ReplacementPolicy. */
+typedef enum kvtier_replacement {
+  KVTIER_REPLACEMENT_LRU = 0,
+  KVTIER_REPLACEMENT_SCORE_DECAY = 1
+} kvtier_replacement;
 
 /* Decode-time retrieval: see kvtier::RetrievalOptions (kvtier/retrieval.h) for each field. */
 typedef struct kvtier_retrieval_options {
@@ -94,6 +101,14 @@ typedef struct kvtier_retrieval_options {
   uint32_t n_init;
   uint32_t n_local;
   kvtier_selection_scope scope;
+  /* The GPU tier (kvtier_acquire, kvtier_release); 0 bytes: none. */
+  uint64_t device_capacity_bytes;
+  kvtier_replacement replacement;
+  float score_decay;
+  int prefetch; /* non-zero: prefetch (kvtier::RetrievalOptions::prefetch) */
+  uint32_t prefetch_extra;
+  uint32_t device_blocks_per_layer;
+  int force_emulated_device; /* non-zero: the GPU tier in host memory even with a GPU */
 } kvtier_retrieval_options;
 
 typedef struct kvtier_options {
@@ -134,6 +149,34 @@ typedef struct kvtier_stats {
   uint64_t index_memory_bytes;
   uint64_t selects;
   uint64_t select_nanos;
+  uint64_t put_waits; /* disk tier: see kvtier::StoreStats */
+  uint64_t disk_capacity_bytes;
+  uint64_t disk_used_bytes;
+  uint64_t disk_free_extents;
+  uint64_t disk_blocks;
+  uint64_t dirty_blocks;
+  uint64_t corrupt_blocks;
+  uint64_t disk_writes;
+  uint64_t disk_bytes_written;
+  uint64_t disk_reads;
+  uint64_t disk_bytes_read;
+  uint64_t disk_write_errors;
+  uint64_t disk_read_errors;
+  uint64_t catalog_commits;
+  uint64_t device_capacity_bytes; /* GPU tier: see kvtier::StoreStats */
+  uint64_t device_slots;
+  uint64_t device_blocks;
+  int device_emulated;
+  uint64_t acquires;
+  uint64_t acquired_blocks;
+  uint64_t device_hits;
+  uint64_t device_fetches_host;
+  uint64_t device_fetches_disk;
+  uint64_t device_bytes_in;
+  uint64_t device_evictions;
+  uint64_t prefetches;
+  uint64_t prefetch_hits;
+  uint64_t acquire_stall_nanos;
 } kvtier_stats;
 
 /* What kvtier_select attends besides the selected blocks: see kvtier::SelectInfo. */
@@ -143,6 +186,15 @@ typedef struct kvtier_select_info {
   uint64_t local_end;
   uint32_t selected; /* entries of `selected` that name a block (the rest are -1) */
 } kvtier_select_info;
+
+/* What kvtier_acquire did: see kvtier::AcquireInfo. */
+typedef struct kvtier_acquire_info {
+  uint64_t lease; /* pass to kvtier_release */
+  uint32_t hits;
+  uint32_t from_host;
+  uint32_t from_disk;
+  uint64_t stall_nanos;
+} kvtier_acquire_info;
 
 typedef struct kvtier_store kvtier_store;
 
@@ -213,6 +265,24 @@ kvtier_code kvtier_select(kvtier_store* store, uint32_t namespace_id, uint64_t s
 kvtier_code kvtier_index_block(kvtier_store* store, const kvtier_block_key* key, const void* data,
                                uint64_t bytes, uint32_t valid_tokens, const float* token_scores,
                                size_t n_scores);
+
+/* The GPU tier (kvtier::Store::Acquire and Release); KVTIER_FAILED_PRECONDITION unless
+ * the store was opened with retrieval.enabled and retrieval.device_capacity_bytes > 0.
+ *
+ * kvtier_acquire: makes blocks[0..n_blocks) of (namespace, sequence, layer) resident in
+ * the GPU tier (-1 entries are skipped) and writes each one's device address to
+ * device_addresses[i] (0 for a -1 entry); the copies are ordered before later work on
+ * `stream` (a cudaStream_t; NULL: the default stream). Emulated (no GPU), the addresses
+ * are host addresses and the data is in place on return. The blocks stay pinned until
+ * kvtier_release(info->lease). `scores` (NULL, or n_blocks floats) feed the score-decay
+ * policy. `info` must not be NULL: its lease is the only handle to release. */
+kvtier_code kvtier_acquire(kvtier_store* store, uint32_t namespace_id, uint64_t sequence_hi,
+                           uint64_t sequence_lo, uint32_t layer, const int64_t* blocks,
+                           size_t n_blocks, void* stream, uint64_t* device_addresses,
+                           const float* scores, kvtier_acquire_info* info);
+/* Unpins a lease's blocks once the work queued on its stream so far has run.
+ * KVTIER_INVALID_ARGUMENT for an unknown lease. */
+kvtier_code kvtier_release(kvtier_store* store, uint64_t lease);
 
 #ifdef __cplusplus
 } /* extern "C" */
