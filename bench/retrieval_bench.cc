@@ -62,6 +62,8 @@ std::vector<Formulation> Formulations() {
       {"clusters3/faiss-hnsw", {SummaryKind::kClusters, 3, false}, IndexBackend::kFaissHnsw},
       {"clusters4/scan", {SummaryKind::kClusters, 4, false}, IndexBackend::kScan},
       {"clusters2/scan", {SummaryKind::kClusters, 2, false}, IndexBackend::kScan},
+      {"clusters6/scan", {SummaryKind::kClusters, 6, false}, IndexBackend::kScan},
+      {"clusters8/scan", {SummaryKind::kClusters, 8, false}, IndexBackend::kScan},
       {"mean/scan", {SummaryKind::kMean, 1, false}, IndexBackend::kScan},
       {"minmax/scan", {SummaryKind::kMinMax, 2, false}, IndexBackend::kScan},
       {"topr4-norm/scan", {SummaryKind::kTopR, 4, false}, IndexBackend::kScan},
