@@ -12,8 +12,12 @@
 #include <vector>
 
 #include "bench/bench_util.h"
+#include "index/backends.h"
+#include "index/layer_index.h"
 #include "kernels/block_scoring.h"
+#include "kernels/cluster_scoring.h"
 #include "kernels/cuda_runtime.h"
+#include "kernels/dtype_convert.h"
 #include "kernels/pattern.h"
 #include "storage/copy_engine.h"
 #include "storage/device_pool.h"
@@ -42,6 +46,38 @@ class Measurement {
   // Blocks whose bytes came back wrong (0 = every check passed).
   virtual uint64_t corrupt_blocks() const = 0;
 };
+
+// Microseconds per launch of `launch`, timed with events over `iterations` launches
+// back to back on the default stream, after a warm-up.
+template <typename F>
+Result<double> TimeLaunchesUs(F launch, uint32_t iterations) {
+  KVTIER_RETURN_IF_ERROR(launch());
+  KVTIER_ASSIGN_OR_RETURN(cuda::Event start, cuda::Event::Create(/*timing=*/true));
+  KVTIER_ASSIGN_OR_RETURN(cuda::Event stop, cuda::Event::Create(/*timing=*/true));
+  KVTIER_RETURN_IF_ERROR(start.Record(nullptr));
+  for (uint32_t i = 0; i < iterations; ++i) KVTIER_RETURN_IF_ERROR(launch());
+  KVTIER_RETURN_IF_ERROR(stop.Record(nullptr));
+  KVTIER_RETURN_IF_ERROR(stop.Synchronize());
+  KVTIER_ASSIGN_OR_RETURN(float ms, cuda::Event::ElapsedMs(start, stop));
+  return double(ms) * 1e3 / iterations;
+}
+
+// GB/s read by a device-to-device copy of 1 GiB (2 bytes of traffic per byte copied):
+// the device's practical memory bandwidth, the denominator of the kernels' bounds.
+Result<double> DeviceCopyGbps() {
+  const uint64_t bytes = uint64_t{1} << 30;
+  void* src = nullptr;
+  void* dst = nullptr;
+  Status st = cuda::DeviceMalloc(bytes, &src);
+  if (st.ok()) st = cuda::DeviceMalloc(bytes, &dst);
+  Result<double> us =
+      st.ok() ? TimeLaunchesUs([&] { return cuda::MemcpyAsync(dst, src, bytes, nullptr); }, 10)
+              : Result<double>(st);
+  (void)cuda::DeviceFree(src);
+  (void)cuda::DeviceFree(dst);
+  if (!us.ok()) return us.status();
+  return 2.0 * double(bytes) / (*us * 1e3);
+}
 
 // --- Transfer: batched block copies against one large cudaMemcpy -------------------
 
@@ -225,13 +261,13 @@ class ScoringMeasurement : public Measurement {
 
   explicit ScoringMeasurement(const GpuConfig& config) : config_(config) {}
   ~ScoringMeasurement() override {
-    for (void* p : {queries_, reps_, scores_, top_, workspace_, copy_src_, copy_dst_}) {
+    for (void* p : {queries_, reps_, scores_, top_, workspace_}) {
       if (p != nullptr) (void)cuda::DeviceFree(p);
     }
   }
 
   Status Run() override {
-    KVTIER_RETURN_IF_ERROR(MeasureCopyBandwidth());
+    KVTIER_ASSIGN_OR_RETURN(copy_gbps_, DeviceCopyGbps());
     for (uint32_t tokens : kTokens) {
       Row row;
       row.tokens = tokens;
@@ -301,18 +337,6 @@ class ScoringMeasurement : public Measurement {
     double score_us = 0, bound_us = 0, topk_us = 0;
   };
 
-  // GB/s read by a device-to-device copy of 1 GiB (2 bytes of traffic per byte copied).
-  Status MeasureCopyBandwidth() {
-    const uint64_t bytes = uint64_t{1} << 30;
-    KVTIER_RETURN_IF_ERROR(cuda::DeviceMalloc(bytes, &copy_src_));
-    KVTIER_RETURN_IF_ERROR(cuda::DeviceMalloc(bytes, &copy_dst_));
-    KVTIER_ASSIGN_OR_RETURN(
-        double us,
-        TimeUs([&] { return cuda::MemcpyAsync(copy_dst_, copy_src_, bytes, nullptr); }, 10));
-    copy_gbps_ = 2.0 * double(bytes) / (us * 1e3);
-    return Status::OK();
-  }
-
   // Random queries and representatives (never zeros) for `shape`, on the device.
   Status Prepare(const BlockScoringShape& shape) {
     for (void* p : {queries_, reps_, scores_, top_, workspace_}) {
@@ -363,19 +387,9 @@ class ScoringMeasurement : public Measurement {
     return Status::OK();
   }
 
-  // Microseconds per launch of `launch`, timed with events over `iterations` launches
-  // back to back on the default stream, after a warm-up.
   template <typename F>
-  Result<double> TimeUs(F launch, uint32_t iterations = kIterations) {
-    KVTIER_RETURN_IF_ERROR(launch());
-    KVTIER_ASSIGN_OR_RETURN(cuda::Event start, cuda::Event::Create(/*timing=*/true));
-    KVTIER_ASSIGN_OR_RETURN(cuda::Event stop, cuda::Event::Create(/*timing=*/true));
-    KVTIER_RETURN_IF_ERROR(start.Record(nullptr));
-    for (uint32_t i = 0; i < iterations; ++i) KVTIER_RETURN_IF_ERROR(launch());
-    KVTIER_RETURN_IF_ERROR(stop.Record(nullptr));
-    KVTIER_RETURN_IF_ERROR(stop.Synchronize());
-    KVTIER_ASSIGN_OR_RETURN(float ms, cuda::Event::ElapsedMs(start, stop));
-    return double(ms) * 1e3 / iterations;
+  static Result<double> TimeUs(F launch) {
+    return TimeLaunchesUs(launch, kIterations);
   }
 
   const GpuConfig config_;
@@ -386,10 +400,237 @@ class ScoringMeasurement : public Measurement {
   void* top_ = nullptr;
   void* workspace_ = nullptr;
   uint64_t workspace_bytes_ = 0;
-  void* copy_src_ = nullptr;
-  void* copy_dst_ = nullptr;
   std::vector<float> host_queries_, host_reps_;
   std::vector<Row> rows_;
+  uint64_t mismatches_ = 0;
+};
+
+// --- Estimator: the kGpu index's Select at 1M tokens ---------------------------------
+//
+// One layer of Llama-3-8B at 1M tokens: 8192 blocks of 128 tokens, 32 query heads, 8 KV
+// heads, head dim 128, 3 cluster rows per block and KV head (the default summary), one
+// sink block and a 32-block local window outside the candidates, top-16. Two timings:
+//   kernels  EstimateBlockMass + TopKBlocks (+ GatherBlockScores) back to back on the
+//            default stream, timed with events: the device time of one Select.
+//   select   LayerIndex::Select of a kGpu index holding the same blocks, wall clock per
+//            call (median): query upload, the kernels, the copy back, the synchronization
+//            and the host's id mapping. Target on an H100: <= 20 us per layer.
+// The bound: EstimateBlockMassBytesPerBlock plus top-k's read of the scores (4 bytes) per
+// block, at the device's measured copy bandwidth. Checks: the kernel's scores against
+// EstimateBlockMassRef (5e-5 relative), its top-k against TopKBlocksRef of the same
+// scores, and the index's picks against the same index emulated on the host (equal, or
+// tied within 5e-5).
+
+class EstimatorMeasurement : public Measurement {
+ public:
+  static constexpr uint32_t kBlocks = 8192;
+  static constexpr uint32_t kTopK = 16;
+  static constexpr uint32_t kSinkBlocks = 1;
+  static constexpr uint32_t kLocalBlocks = 32;
+  static constexpr uint32_t kIterations = 200;
+
+  explicit EstimatorMeasurement(const GpuConfig& config) : config_(config) {
+    config_index_.num_query_heads = 32;
+    config_index_.summary = SummaryShape{8, 128, 128, DType::kBF16, SummaryKind::kClusters, 3};
+    config_index_.backend = IndexBackend::kGpu;
+    shape_ = BlockMassShape{.num_blocks = kBlocks,
+                            .block_capacity = kBlocks,
+                            .num_query_heads = 32,
+                            .num_kv_heads = 8,
+                            .head_dim = 128,
+                            .rows = 3,
+                            .selection = BlockSelection::kPerLayer};
+  }
+  ~EstimatorMeasurement() override {
+    for (void* p : {queries_, rows_, log_weights_, flags_, scores_, workspace_, top_,
+                    topk_workspace_, picked_}) {
+      if (p != nullptr) (void)cuda::DeviceFree(p);
+    }
+  }
+
+  Status Run() override {
+    KVTIER_ASSIGN_OR_RETURN(copy_gbps_, DeviceCopyGbps());
+    KVTIER_RETURN_IF_ERROR(Prepare());
+    const uint32_t k = kTopK + kSinkBlocks + kLocalBlocks;
+    KVTIER_ASSIGN_OR_RETURN(kernels_us_,
+                            TimeLaunchesUs([&] { return LaunchKernels(k); }, kIterations));
+    KVTIER_RETURN_IF_ERROR(CheckKernels(k));
+    KVTIER_RETURN_IF_ERROR(TimeSelect());
+    bytes_ = (EstimateBlockMassBytesPerBlock(shape_) + 4) * kBlocks;
+    bound_us_ = double(bytes_) / (copy_gbps_ * 1e3);
+    return Status::OK();
+  }
+
+  void PrintTable() const override {
+    std::printf(
+        "  estimator (kGpu Select): Llama-3-8B layer at 1M tokens (%u blocks, 32 q heads, 8 kv "
+        "heads, d 128, 3 rows), top-%u; target on an H100: <= 20 us per layer\n",
+        kBlocks, kTopK);
+    std::printf("  %10s %12s %10s %9s %10s %10s\n", "bytes MiB", "kernels us", "bound us", "ratio",
+                "select us", "select p90");
+    std::printf("  %10.2f %12.2f %10.2f %9.3f %10.2f %10.2f\n", double(bytes_) / double(kMiB),
+                kernels_us_, bound_us_, bound_us_ / kernels_us_, select_us_, select_p90_us_);
+    std::printf(
+        "  kernels checked against the CPU reference, Select against the emulated index: %s\n",
+        mismatches_ == 0 ? "equal" : "DIFFERENT");
+  }
+
+  void AddJson(JsonLine& j) const override {
+    j.Add("estimator_bytes_per_block", EstimateBlockMassBytesPerBlock(shape_) + 4);
+    j.Add("estimator_kernels_us_1m", kernels_us_);
+    j.Add("estimator_bound_us_1m", bound_us_);
+    j.Add("estimator_ratio_1m", bound_us_ / kernels_us_);
+    j.Add("estimator_select_us_1m", select_us_);
+    j.Add("estimator_select_p90_us_1m", select_p90_us_);
+    j.Add("estimator_mismatches", mismatches_);
+  }
+
+  uint64_t corrupt_blocks() const override { return mismatches_; }
+
+ private:
+  // Random summaries (never zeros; an empty cluster now and then), a query, the flags.
+  Status Prepare() {
+    std::mt19937_64 rng(config_.seed + 17);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    const SummaryShape& ss = config_index_.summary;
+    summaries_.resize(kBlocks);
+    for (BlockSummary& b : summaries_) {
+      b.valid_tokens = 128;
+      b.vectors.resize(ss.vector_elements());
+      b.weights.resize(ss.weight_elements());
+      const float offset = 0.7f * normal(rng);
+      for (uint16_t& v : b.vectors) v = FloatToHalfBits(normal(rng) + offset);
+      for (float& w : b.weights) w = rng() % 10 == 0 ? 0.0f : float(1 + rng() % 80);
+    }
+    const float scale = 1.0f / std::sqrt(128.0f);
+    raw_queries_.resize(32 * 128);
+    for (float& q : raw_queries_) q = normal(rng);
+    host_queries_.resize(raw_queries_.size());
+    for (size_t i = 0; i < raw_queries_.size(); ++i) host_queries_[i] = raw_queries_[i] * scale;
+    // Device layout [kv][block][row][d] and [kv][block][row].
+    host_rows_.resize(uint64_t{8} * kBlocks * 3 * 128);
+    host_log_weights_.resize(uint64_t{8} * kBlocks * 3);
+    for (uint32_t b = 0; b < kBlocks; ++b) {
+      for (uint32_t kv = 0; kv < 8; ++kv) {
+        for (uint32_t j = 0; j < 3; ++j) {
+          const uint64_t r = MassRowIndex(shape_, kv, b, j);
+          std::memcpy(host_rows_.data() + r * 128,
+                      summaries_[b].vectors.data() + (uint64_t{kv} * 3 + j) * 128, 256);
+          const float w = summaries_[b].weights[kv * 3 + j];
+          host_log_weights_[r] = w > 0 ? std::log(w) : -INFINITY;
+        }
+      }
+    }
+    host_flags_.assign(kBlocks, 1);
+    for (uint32_t b = 0; b < kSinkBlocks; ++b) host_flags_[b] = 0;
+    for (uint32_t b = kBlocks - kLocalBlocks; b < kBlocks; ++b) host_flags_[b] = 0;
+    KVTIER_RETURN_IF_ERROR(Upload(host_queries_.data(), host_queries_.size() * 4, &queries_));
+    KVTIER_RETURN_IF_ERROR(Upload(host_rows_.data(), host_rows_.size() * 2, &rows_));
+    KVTIER_RETURN_IF_ERROR(
+        Upload(host_log_weights_.data(), host_log_weights_.size() * 4, &log_weights_));
+    KVTIER_RETURN_IF_ERROR(Upload(host_flags_.data(), host_flags_.size(), &flags_));
+    KVTIER_RETURN_IF_ERROR(cuda::DeviceMalloc(uint64_t{kBlocks} * 4, &scores_));
+    workspace_bytes_ = EstimateBlockMassWorkspaceBytes(shape_);
+    KVTIER_RETURN_IF_ERROR(cuda::DeviceMalloc(workspace_bytes_, &workspace_));
+    const uint32_t k = kTopK + kSinkBlocks + kLocalBlocks;
+    KVTIER_RETURN_IF_ERROR(cuda::DeviceMalloc(uint64_t{k} * 4, &top_));
+    KVTIER_RETURN_IF_ERROR(cuda::DeviceMalloc(uint64_t{k} * 4, &picked_));
+    KVTIER_ASSIGN_OR_RETURN(topk_workspace_bytes_, TopKWorkspaceBytes(1, kBlocks, k));
+    if (topk_workspace_bytes_ > 0) {
+      KVTIER_RETURN_IF_ERROR(cuda::DeviceMalloc(topk_workspace_bytes_, &topk_workspace_));
+    }
+    return Status::OK();
+  }
+
+  static Status Upload(const void* host, uint64_t bytes, void** device) {
+    KVTIER_RETURN_IF_ERROR(cuda::DeviceMalloc(bytes, device));
+    return cuda::Memcpy(*device, host, bytes);
+  }
+
+  Status LaunchKernels(uint32_t k) {
+    KVTIER_RETURN_IF_ERROR(LaunchEstimateBlockMass(
+        shape_, static_cast<const float*>(queries_), static_cast<const uint16_t*>(rows_),
+        static_cast<const float*>(log_weights_), static_cast<const uint8_t*>(flags_),
+        static_cast<float*>(scores_), workspace_, workspace_bytes_, nullptr));
+    KVTIER_RETURN_IF_ERROR(LaunchTopKBlocks(static_cast<const float*>(scores_), 1, kBlocks, k,
+                                            static_cast<int32_t*>(top_), topk_workspace_,
+                                            topk_workspace_bytes_, nullptr));
+    return LaunchGatherBlockScores(static_cast<const float*>(scores_), 1, kBlocks,
+                                   static_cast<const int32_t*>(top_), k,
+                                   static_cast<float*>(picked_), nullptr);
+  }
+
+  Status CheckKernels(uint32_t k) {
+    std::vector<float> got(kBlocks), want(kBlocks);
+    std::vector<int32_t> top(k), want_top(k);
+    KVTIER_RETURN_IF_ERROR(cuda::Memcpy(got.data(), scores_, uint64_t{kBlocks} * 4));
+    KVTIER_RETURN_IF_ERROR(cuda::Memcpy(top.data(), top_, uint64_t{k} * 4));
+    std::vector<uint64_t> ws(workspace_bytes_ / 8 + 1);
+    KVTIER_RETURN_IF_ERROR(EstimateBlockMassRef(shape_, host_queries_.data(), host_rows_.data(),
+                                                host_log_weights_.data(), host_flags_.data(),
+                                                want.data(), ws.data(), workspace_bytes_, nullptr));
+    for (uint32_t i = 0; i < kBlocks; ++i) {
+      const bool same = want[i] == -INFINITY ? got[i] == -INFINITY
+                                             : std::fabs(got[i] - want[i]) <= 5e-5f * want[i];
+      if (!same) ++mismatches_;
+    }
+    KVTIER_RETURN_IF_ERROR(
+        TopKBlocksRef(got.data(), 1, kBlocks, k, want_top.data(), nullptr, 0, nullptr));
+    if (top != want_top) ++mismatches_;
+    return Status::OK();
+  }
+
+  // Select on a kGpu index of the same blocks, and once on the emulated index.
+  Status TimeSelect() {
+    KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<LayerIndex> index, CreateGpuIndex(config_index_));
+    if (!GpuIndexOnDevice(*index)) return Status::Internal("the gpu index is not on the device");
+    KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<LayerIndex> emulated,
+                            CreateGpuIndex(config_index_, /*force_emulated=*/true));
+    for (uint32_t b = 0; b < kBlocks; ++b) {
+      KVTIER_RETURN_IF_ERROR(index->Add(b, summaries_[b]));
+      KVTIER_RETURN_IF_ERROR(emulated->Add(b, summaries_[b]));
+    }
+    const SelectParams p{raw_queries_, kTopK, SelectionScope::kPerLayer, kSinkBlocks,
+                         kBlocks - kLocalBlocks};
+    std::vector<int64_t> out(kTopK), want(kTopK);
+    std::vector<float> scores(kTopK), want_scores(kTopK);
+    KVTIER_RETURN_IF_ERROR(index->Select(p, out, scores));  // warm-up: buffers grow
+    std::vector<double> us;
+    Status failure;
+    for (uint32_t i = 0; i < kIterations; ++i) {
+      us.push_back(1e6 * TimeSeconds([&] { failure = index->Select(p, out, scores); }));
+      KVTIER_RETURN_IF_ERROR(failure);
+    }
+    std::sort(us.begin(), us.end());
+    select_us_ = Median(us);
+    select_p90_us_ = us[us.size() * 9 / 10];
+    KVTIER_RETURN_IF_ERROR(emulated->Select(p, want, want_scores));
+    for (uint32_t i = 0; i < kTopK; ++i) {
+      if (!(std::fabs(scores[i] - want_scores[i]) <= 5e-5f * want_scores[i])) ++mismatches_;
+    }
+    return Status::OK();
+  }
+
+  const GpuConfig config_;
+  IndexConfig config_index_;
+  BlockMassShape shape_;
+  double copy_gbps_ = 0, kernels_us_ = 0, bound_us_ = 0, select_us_ = 0, select_p90_us_ = 0;
+  uint64_t bytes_ = 0;
+  std::vector<BlockSummary> summaries_;
+  std::vector<float> raw_queries_, host_queries_, host_log_weights_;
+  std::vector<uint16_t> host_rows_;
+  std::vector<uint8_t> host_flags_;
+  void* queries_ = nullptr;
+  void* rows_ = nullptr;
+  void* log_weights_ = nullptr;
+  void* flags_ = nullptr;
+  void* scores_ = nullptr;
+  void* workspace_ = nullptr;
+  uint64_t workspace_bytes_ = 0;
+  void* top_ = nullptr;
+  void* topk_workspace_ = nullptr;
+  uint64_t topk_workspace_bytes_ = 0;
+  void* picked_ = nullptr;
   uint64_t mismatches_ = 0;
 };
 
@@ -431,6 +672,7 @@ int RunGpu(const GpuConfig& config) {
   if (!transfer.ok()) return fail(transfer.status());
   measurements.push_back(std::move(transfer).value());
   measurements.push_back(std::make_unique<ScoringMeasurement>(config));
+  measurements.push_back(std::make_unique<EstimatorMeasurement>(config));
 
   for (auto& m : measurements) {
     if (Status s = m->Run(); !s.ok()) return fail(s);

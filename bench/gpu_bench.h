@@ -14,9 +14,20 @@
 // Without a GPU (or in a build without CUDA) it says so and exits 0, measuring nothing;
 // with --json that message is a JSON object with "gpu": false.
 //
+// Scoring: the block-scoring and top-k kernels at 128K and 1M tokens against the
+// bandwidth bound (reading the representatives once at the measured device copy
+// bandwidth).
+//
+// Estimator: the kGpu index's Select (index/gpu_index.cc) at 1M tokens of Llama-3-8B
+// (8192 blocks of 128 tokens, 8 KV heads, 32 query heads, head dim 128, 3 cluster rows per
+// KV head, top-16): the device time of EstimateBlockMass + TopKBlocks + GatherBlockScores
+// (events), the wall-clock time of a whole Select (median and p90), and the bandwidth
+// bound beside them; target on an H100: <= 20 us per layer. The kernels are checked
+// against their CPU references and the Select against the emulated index.
+//
 // Output: a table, or with --json one JSON object on one line (the last stdout line).
-// The file is organised as a list of measurements (the transfer one now; the scoring
-// kernel's to come), each adding its rows to the table and its fields to the JSON.
+// The file is organised as a list of measurements (transfer, scoring, estimator), each
+// adding its rows to the table and its fields to the JSON.
 #ifndef KVTIER_BENCH_GPU_BENCH_H_
 #define KVTIER_BENCH_GPU_BENCH_H_
 
@@ -25,8 +36,9 @@
 namespace kvtier::bench {
 
 // Registers the subcommand; when it runs, its exit status lands in *exit_code
-// (0 = measured, and every block copied back was byte-exact, or no GPU to measure;
-// 1 = a block copied back was wrong; 2 = could not run).
+// (0 = measured, and every block copied back was byte-exact and every kernel result
+// matched its reference, or no GPU to measure; 1 = a block copied back or a result was
+// wrong; 2 = could not run).
 void AddGpuCommand(CLI::App& app, int* exit_code);
 
 }  // namespace kvtier::bench

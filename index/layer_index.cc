@@ -186,6 +186,8 @@ Result<std::unique_ptr<LayerIndex>> CreateLayerIndex(const IndexConfig& config) 
         return Status::InvalidArgument("index: hnsw_m below 2 or hnsw_ef_search 0");
       }
       return CreateFaissIndex(config);
+    case IndexBackend::kGpu:
+      return CreateGpuIndex(config);
     case IndexBackend::kAuto:
       return Status::InvalidArgument("index: resolve kAuto before creating an index");
   }

@@ -1,7 +1,8 @@
-// LayerIndex (index/layer_index.h) on the scan backend: its selection against the
-// double-precision ReferenceSelect for every summary kind and both scopes, the estimator's
-// meaning on constructed blocks, Add/Remove, candidate ranges, padding and bad input;
-// and the fusion helpers.
+// LayerIndex (index/layer_index.h) on the scan backend (and the gpu backend, emulated
+// without a device, for the kinds it takes): its selection against the double-precision
+// ReferenceSelect for every summary kind and both scopes, the estimator's meaning on
+// constructed blocks, Add/Remove, candidate ranges, padding and bad input; and the fusion
+// helpers. tests/gpu_index_test.cc checks the gpu backend in more depth.
 #include "index/layer_index.h"
 
 #include <gtest/gtest.h>
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "index/fusion.h"
@@ -19,11 +21,11 @@ namespace {
 
 constexpr uint32_t kKv = 2, kHq = 8, kD = 32, kTokens = 16;
 
-IndexConfig Config(SummaryKind kind, uint32_t rows) {
+IndexConfig Config(SummaryKind kind, uint32_t rows, IndexBackend backend = IndexBackend::kScan) {
   IndexConfig c;
   c.num_query_heads = kHq;
   c.summary = {kKv, kD, kTokens, DType::kF32, kind, rows};
-  c.backend = IndexBackend::kScan;
+  c.backend = backend;
   return c;
 }
 
@@ -69,13 +71,14 @@ struct Case {
   SummaryKind kind;
   uint32_t rows;
   SelectionScope scope;
+  IndexBackend backend = IndexBackend::kScan;
 };
 
-class ScanVsReference : public ::testing::TestWithParam<Case> {};
+class LayerIndexVsReference : public ::testing::TestWithParam<Case> {};
 
-TEST_P(ScanVsReference, SameSelectionAsTheDefinition) {
+TEST_P(LayerIndexVsReference, SameSelectionAsTheDefinition) {
   const Case p = GetParam();
-  IndexConfig c = Config(p.kind, p.rows);
+  IndexConfig c = Config(p.kind, p.rows, p.backend);
   auto index = CreateLayerIndex(c);
   ASSERT_TRUE(index.ok()) << index.status().ToString();
   const uint64_t n = 300;
@@ -107,13 +110,22 @@ TEST_P(ScanVsReference, SameSelectionAsTheDefinition) {
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    Kinds, ScanVsReference,
+    Kinds, LayerIndexVsReference,
     ::testing::Values(Case{SummaryKind::kClusters, 4, SelectionScope::kPerLayer},
                       Case{SummaryKind::kClusters, 3, SelectionScope::kPerKvHead},
                       Case{SummaryKind::kMean, 1, SelectionScope::kPerLayer},
                       Case{SummaryKind::kMinMax, 2, SelectionScope::kPerLayer},
                       Case{SummaryKind::kMinMax, 2, SelectionScope::kPerKvHead},
                       Case{SummaryKind::kTopR, 4, SelectionScope::kPerLayer}));
+
+// kGpu takes every kind but kMinMax (Quest's bound stays on the CPU).
+INSTANTIATE_TEST_SUITE_P(
+    GpuKinds, LayerIndexVsReference,
+    ::testing::Values(
+        Case{SummaryKind::kClusters, 4, SelectionScope::kPerLayer, IndexBackend::kGpu},
+        Case{SummaryKind::kClusters, 3, SelectionScope::kPerKvHead, IndexBackend::kGpu},
+        Case{SummaryKind::kMean, 1, SelectionScope::kPerLayer, IndexBackend::kGpu},
+        Case{SummaryKind::kTopR, 4, SelectionScope::kPerKvHead, IndexBackend::kGpu}));
 
 // A block holding one key aligned with a query head (logit 12) outranks blocks of random
 // keys with random offsets: the clusters keep the needle, the mean dilutes it 16-fold.
@@ -158,39 +170,42 @@ TEST(LayerIndex, ClustersFindALoneNeedleThatTheMeanDilutes) {
 }
 
 TEST(LayerIndex, AddReplacesRemoveForgetsAndPadding) {
-  IndexConfig c = Config(SummaryKind::kClusters, 2);
-  auto index = CreateLayerIndex(c);
-  ASSERT_TRUE(index.ok());
-  std::vector<BlockSummary> sums = RandomSummaries(c, 6, 3);
-  for (uint64_t b = 0; b < 5; ++b) ASSERT_TRUE((*index)->Add(b, sums[b]).ok());
-  std::mt19937_64 rng(4);
-  const std::vector<float> q = Randn(kHq * kD, rng);
-  std::vector<int64_t> out(8);
-  std::vector<float> sc(8);
-  ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
-  EXPECT_EQ(std::count(out.begin(), out.end(), -1), 3);
-  EXPECT_EQ(sc[7], 0.0f);
-  const int64_t best = out[0];
-  EXPECT_TRUE((*index)->Remove(static_cast<uint64_t>(best)));
-  EXPECT_FALSE((*index)->Remove(static_cast<uint64_t>(best)));
-  ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
-  EXPECT_EQ(std::count(out.begin(), out.end(), best), 0);
-  EXPECT_EQ(std::count(out.begin(), out.end(), -1), 4);
-  // Re-adding block 0 with block 5's summary: same count, new content.
-  ASSERT_TRUE((*index)->Add(static_cast<uint64_t>(best), sums[5]).ok());
-  EXPECT_EQ((*index)->size(), 5u);
-  std::vector<uint64_t> ids;
-  std::vector<const BlockSummary*> ptrs;
-  for (uint64_t b = 0; b < 5; ++b) {
-    ids.push_back(b);
-    ptrs.push_back(b == static_cast<uint64_t>(best) ? &sums[5] : &sums[b]);
+  for (IndexBackend backend : {IndexBackend::kScan, IndexBackend::kGpu}) {
+    SCOPED_TRACE(std::string(IndexBackendName(backend)));
+    IndexConfig c = Config(SummaryKind::kClusters, 2, backend);
+    auto index = CreateLayerIndex(c);
+    ASSERT_TRUE(index.ok());
+    std::vector<BlockSummary> sums = RandomSummaries(c, 6, 3);
+    for (uint64_t b = 0; b < 5; ++b) ASSERT_TRUE((*index)->Add(b, sums[b]).ok());
+    std::mt19937_64 rng(4);
+    const std::vector<float> q = Randn(kHq * kD, rng);
+    std::vector<int64_t> out(8);
+    std::vector<float> sc(8);
+    ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
+    EXPECT_EQ(std::count(out.begin(), out.end(), -1), 3);
+    EXPECT_EQ(sc[7], 0.0f);
+    const int64_t best = out[0];
+    EXPECT_TRUE((*index)->Remove(static_cast<uint64_t>(best)));
+    EXPECT_FALSE((*index)->Remove(static_cast<uint64_t>(best)));
+    ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
+    EXPECT_EQ(std::count(out.begin(), out.end(), best), 0);
+    EXPECT_EQ(std::count(out.begin(), out.end(), -1), 4);
+    // Re-adding block 0 with block 5's summary: same count, new content.
+    ASSERT_TRUE((*index)->Add(static_cast<uint64_t>(best), sums[5]).ok());
+    EXPECT_EQ((*index)->size(), 5u);
+    std::vector<uint64_t> ids;
+    std::vector<const BlockSummary*> ptrs;
+    for (uint64_t b = 0; b < 5; ++b) {
+      ids.push_back(b);
+      ptrs.push_back(b == static_cast<uint64_t>(best) ? &sums[5] : &sums[b]);
+    }
+    std::vector<int64_t> want(8);
+    std::vector<float> ws(8);
+    ASSERT_TRUE(ReferenceSelect(c, ids, ptrs, {q, 8}, want, ws).ok());
+    ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
+    ExpectSameSelection(out, sc, want, ws);
+    EXPECT_GT((*index)->memory_bytes(), 0u);
   }
-  std::vector<int64_t> want(8);
-  std::vector<float> ws(8);
-  ASSERT_TRUE(ReferenceSelect(c, ids, ptrs, {q, 8}, want, ws).ok());
-  ASSERT_TRUE((*index)->Select({q, 8}, out, sc).ok());
-  ExpectSameSelection(out, sc, want, ws);
-  EXPECT_GT((*index)->memory_bytes(), 0u);
 }
 
 TEST(LayerIndex, BadArguments) {
@@ -215,6 +230,11 @@ TEST(LayerIndex, BadArguments) {
   EXPECT_TRUE(CreateLayerIndex(bad).status().IsInvalidArgument());
   bad = Config(SummaryKind::kMinMax, 2);
   bad.backend = IndexBackend::kFaissHnsw;
+  EXPECT_TRUE(CreateLayerIndex(bad).status().IsInvalidArgument());
+  bad.backend = IndexBackend::kGpu;
+  EXPECT_TRUE(CreateLayerIndex(bad).status().IsInvalidArgument());
+  bad = c;
+  bad.backend = static_cast<IndexBackend>(6);
   EXPECT_TRUE(CreateLayerIndex(bad).status().IsInvalidArgument());
 }
 

@@ -71,7 +71,8 @@ inline const std::map<std::string, IndexBackend>& IndexBackendNames() {
                                                          {"scan", IndexBackend::kScan},
                                                          {"faiss-flat", IndexBackend::kFaissFlat},
                                                          {"faiss-hnsw", IndexBackend::kFaissHnsw},
-                                                         {"infllm", IndexBackend::kInfLLM}};
+                                                         {"infllm", IndexBackend::kInfLLM},
+                                                         {"gpu", IndexBackend::kGpu}};
   return names;
 }
 inline const std::map<std::string, SelectionScope>& SelectionScopeNames() {

@@ -46,6 +46,8 @@ std::string_view IndexBackendName(IndexBackend backend) {
       return "faiss-hnsw";
     case IndexBackend::kInfLLM:
       return "infllm";
+    case IndexBackend::kGpu:
+      return "gpu";
   }
   return "unknown";
 }

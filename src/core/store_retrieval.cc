@@ -77,7 +77,7 @@ Result<std::unique_ptr<RetrievalIndexes>> RetrievalIndexes::Create(
     return Status::InvalidArgument("retrieval.summary: unknown summary kind " +
                                    std::to_string(static_cast<int>(options.summary)));
   }
-  if (options.backend > IndexBackend::kInfLLM) {
+  if (options.backend > IndexBackend::kGpu) {
     return Status::InvalidArgument("retrieval.backend: unknown index backend " +
                                    std::to_string(static_cast<int>(options.backend)));
   }

@@ -53,14 +53,18 @@ std::string_view SummaryKindName(SummaryKind kind);
 
 // Where selection runs.
 enum class IndexBackend : uint8_t {
-  kAuto = 0,       // kScan on the CPU (kGpu when a GPU is present and wired; see README)
+  kAuto = 0,       // kScan (kGpu is chosen explicitly until it has been measured on a GPU)
   kScan = 1,       // kvtier's exact scan: fp16 summaries, AVX2/F16C, one core
   kFaissFlat = 2,  // FAISS IndexFlatIP over the same summaries: exact, same estimator
   kFaissHnsw = 3,  // FAISS IndexHNSWFlat: approximate candidates, rescored exactly
   kInfLLM = 4,     // InfLLM's formulation: one vector per block, the per-query-head
                    // representative means concatenated, FAISS IndexFlatIP (baseline)
+  kGpu = 5,        // the scan's estimator on a CUDA device: fp16 summaries in device
+                   // memory, one pass per Select; same selection as kScan (to float
+                   // rounding). Without a device it runs the kernels' CPU reference over
+                   // host arrays (tests). No kMinMax summaries.
 };
-// "auto", "scan", "faiss-flat", "faiss-hnsw", "infllm".
+// "auto", "scan", "faiss-flat", "faiss-hnsw", "infllm", "gpu".
 std::string_view IndexBackendName(IndexBackend backend);
 
 enum class SelectionScope : uint8_t {
