@@ -84,9 +84,11 @@ struct RetrievalOptions {
   // Default: false (a plain cache pays nothing).
   bool enabled = false;
 
-  // Default: kClusters with 3 centroids per KV head (on `kvtier-bench retrieval`: 4 gain
-  // recall at 32K tokens but not at 128K and cost a third more Select time, 2 lose
-  // recall at 32K; bench/RESULTS.md); R = 4 for kTopR.
+  // Default: kClusters with 3 centroids per KV head, for the 1 ms Select budget at 128K
+  // tokens on one core. Recall@16 rises with the centroids (`kvtier-bench retrieval`,
+  // three workload seeds: 3 -> 0.88 at 128K tokens, 6 -> 0.90, 8 -> 0.91) and so do
+  // Select time and summary bytes, about linearly (6: twice the default's);
+  // bench/RESULTS.md. R = 4 for kTopR.
   SummaryKind summary = SummaryKind::kClusters;
   uint32_t clusters = 3;
   uint32_t top_r = 4;
