@@ -354,7 +354,8 @@ Status RunTrace(const Config& cfg, const Workload& wl, const std::string& name,
   for (uint32_t layer = 0; layer < l.num_layers; ++layer) {
     for (uint64_t b = 0; b < blocks; ++b) {
       KVTIER_RETURN_IF_ERROR(wl.FillBlock(layer, b, buf.data()));
-      KVTIER_RETURN_IF_ERROR(store->Put(BlockKey{0, seq, layer, b}, buf.data(), buf.size()));
+      KVTIER_RETURN_IF_ERROR(
+          store->Put(BlockKey{0, seq, layer, static_cast<uint32_t>(b)}, buf.data(), buf.size()));
     }
   }
   std::vector<float> q(uint64_t{l.num_query_heads} * l.head_dim);

@@ -174,7 +174,9 @@ TEST_P(StoreModelTest, RandomOperationsMatchModel) {
     }
   }
   // With a disk, writes may still be in flight (their slots pinned): finish them.
-  if (p.disk) ASSERT_TRUE(store.Flush().ok());
+  if (p.disk) {
+    ASSERT_TRUE(store.Flush().ok());
+  }
   StoreStats stats = store.Stats();
   if (!p.disk) {
     EXPECT_EQ(stats.host_blocks, resident);  // with a disk, most live there
