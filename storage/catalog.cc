@@ -7,8 +7,11 @@
 #include <rocksdb/options.h>
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
+#include <stdlib.h>
 
+#include <cerrno>
 #include <condition_variable>
+#include <cstdarg>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -191,17 +194,26 @@ Config MakeConfig(bool create_if_missing) {
   return config;
 }
 
+// Discards RocksDB's info log (the read-only modes write nothing in the directory).
+class NullLogger final : public rocksdb::Logger {
+ public:
+  using rocksdb::Logger::Logv;
+  void Logv(const char* /*format*/, va_list /*ap*/) override {}
+};
+
 // ---- The catalog ----------------------------------------------------------------------
 
 class RocksDbCatalog final : public Catalog {
  public:
   RocksDbCatalog(std::string dir, std::unique_ptr<rocksdb::DB> db,
                  std::vector<rocksdb::ColumnFamilyHandle*> families,
-                 rocksdb::WriteOptions sync_write)
+                 rocksdb::WriteOptions sync_write, bool read_only, std::string scratch_dir)
       : dir_(std::move(dir)),
         db_(std::move(db)),
         families_(std::move(families)),
-        sync_write_(sync_write) {}
+        sync_write_(sync_write),
+        read_only_(read_only),
+        scratch_dir_(std::move(scratch_dir)) {}
   ~RocksDbCatalog() override {
     Status s = Close();
     if (!s.ok()) Log().warn("kvtier: closing catalog {}: {}", dir_, s.ToString());
@@ -259,12 +271,20 @@ class RocksDbCatalog final : public Catalog {
   Status Scan(std::string_view start, std::string_view prefix, const std::string& upper_bound,
               bool fill_cache, const Visitor& visit);
   Status CloseDatabase();
+  // FailedPrecondition for a write to a catalog opened read-only.
+  Status CheckWritable(std::string_view what) const {
+    if (!read_only_) return Status::OK();
+    return Status::FailedPrecondition("catalog " + dir_ + " is open read-only: cannot " +
+                                      std::string(what));
+  }
 
   const std::string dir_;
   // Set at construction and released only by Close, once no call is in progress.
   std::unique_ptr<rocksdb::DB> db_;
   std::vector<rocksdb::ColumnFamilyHandle*> families_;  // default, blocks, representatives
   const rocksdb::WriteOptions sync_write_;
+  const bool read_only_;
+  const std::string scratch_dir_;  // a secondary instance's info log; removed at Close
 
   std::mutex mu_;
   std::condition_variable idle_;  // active_calls_ dropped to 0
@@ -287,6 +307,7 @@ Result<std::optional<CatalogMeta>> RocksDbCatalog::ReadMeta() {
 Status RocksDbCatalog::WriteMeta(const CatalogMeta& meta) {
   InUse in_use(this);
   KVTIER_RETURN_IF_ERROR(in_use.status());
+  KVTIER_RETURN_IF_ERROR(CheckWritable("write the metadata"));
   return Error(db_->Put(sync_write_, meta_family(), kMetaKey, EncodeCatalogMeta(meta)),
                "writing the metadata");
 }
@@ -295,6 +316,7 @@ Status RocksDbCatalog::Commit(std::span<const Update> updates) {
   InUse in_use(this);
   KVTIER_RETURN_IF_ERROR(in_use.status());
   if (updates.empty()) return Status::OK();
+  KVTIER_RETURN_IF_ERROR(CheckWritable("commit updates"));
   rocksdb::WriteBatch batch;
   for (const Update& update : updates) {
     std::string key = EncodeBlockKey(update.key);
@@ -392,6 +414,7 @@ Status RocksDbCatalog::ForEachBlockOfSequence(uint32_t namespace_id, const Seque
 Status RocksDbCatalog::PutRepresentatives(const BlockKey& key, std::span<const std::byte> data) {
   InUse in_use(this);
   KVTIER_RETURN_IF_ERROR(in_use.status());
+  KVTIER_RETURN_IF_ERROR(CheckWritable("write representatives"));
   rocksdb::Slice value(reinterpret_cast<const char*>(data.data()), data.size());
   return Error(db_->Put(sync_write_, representatives_family(), EncodeBlockKey(key), value),
                "writing the representatives of " + key.ToString());
@@ -441,19 +464,26 @@ Status RocksDbCatalog::Close() {
 
 Status RocksDbCatalog::CloseDatabase() {
   // Every write is already durable; syncing the WAL and flushing the memtables makes
-  // the next Open replay nothing. The first error is reported, and everything is
-  // released whatever happens.
-  Status status = Error(db_->FlushWAL(/*sync=*/true), "syncing the WAL");
-  Status flushed = Error(db_->Flush(rocksdb::FlushOptions(), families_), "flushing");
-  if (status.ok()) status = flushed;
+  // the next Open replay nothing (read-only: nothing to write). The first error is
+  // reported, and everything is released whatever happens.
+  Status status;
+  if (!read_only_) {
+    status = Error(db_->FlushWAL(/*sync=*/true), "syncing the WAL");
+    Status flushed = Error(db_->Flush(rocksdb::FlushOptions(), families_), "flushing");
+    if (status.ok()) status = flushed;
+  }
   for (rocksdb::ColumnFamilyHandle* family : families_) {
     Status destroyed = Error(db_->DestroyColumnFamilyHandle(family), "closing a column family");
     if (status.ok()) status = destroyed;
   }
   families_.clear();
   Status closed = Error(db_->Close(), "closing");
-  if (status.ok()) status = closed;
+  if (status.ok() && !read_only_) status = closed;  // read-only: nothing to lose
   db_.reset();
+  if (!scratch_dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(scratch_dir_, ec);
+  }
   return status;
 }
 
@@ -580,9 +610,14 @@ Result<CatalogMeta> DecodeCatalogMeta(std::string_view bytes) {
 
 // ---- Open -----------------------------------------------------------------------------
 
-Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& dir, bool create_if_missing) {
+Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& dir, bool create_if_missing,
+                                               CatalogMode mode) {
   if (dir.empty()) return Status::InvalidArgument("catalog directory is empty");
   std::string context = "catalog " + dir;
+  const bool read_only = mode != CatalogMode::kReadWrite;
+  if (read_only && create_if_missing) {
+    return Status::InvalidArgument(context + ": a read-only open cannot create the catalog");
+  }
   rocksdb::Status exists = rocksdb::Env::Default()->FileExists(dir + "/CURRENT");
   if (exists.IsNotFound()) {
     if (!create_if_missing) {
@@ -603,10 +638,46 @@ Result<std::unique_ptr<Catalog>> Catalog::Open(const std::string& dir, bool crea
   };
   std::vector<rocksdb::ColumnFamilyHandle*> families;
   rocksdb::DB* raw_db = nullptr;
-  rocksdb::Status s = rocksdb::DB::Open(config.db, dir, descriptors, &families, &raw_db);
-  if (!s.ok()) return FromRocksDb(s, context + ": opening");
+  std::string scratch_dir;
+  rocksdb::Status s;
+  if (mode == CatalogMode::kReadWrite) {
+    s = rocksdb::DB::Open(config.db, dir, descriptors, &families, &raw_db);
+  } else {
+    // Nothing may be written in `dir`: no info LOG there.
+    config.db.info_log = std::make_shared<NullLogger>();
+    if (mode == CatalogMode::kReadOnly) {
+      s = rocksdb::DB::OpenForReadOnly(config.db, dir, descriptors, &families, &raw_db);
+    } else {
+      char tmpl[] = "/tmp/kvtier-catalog-secondary-XXXXXX";
+      if (mkdtemp(tmpl) == nullptr) {
+        return Status::FromErrno(errno, context + ": creating a directory for the secondary");
+      }
+      scratch_dir = tmpl;
+      config.db.max_open_files = -1;  // what RocksDB requires of a secondary instance
+      s = rocksdb::DB::OpenAsSecondary(config.db, dir, scratch_dir, descriptors, &families,
+                                       &raw_db);
+      if (s.ok()) s = raw_db->TryCatchUpWithPrimary();
+    }
+  }
+  if (!s.ok()) {
+    if (raw_db != nullptr) {
+      for (rocksdb::ColumnFamilyHandle* family : families) {
+        (void)raw_db->DestroyColumnFamilyHandle(family);
+      }
+      delete raw_db;
+    }
+    if (!scratch_dir.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(scratch_dir, ec);
+    }
+    const char* how = mode == CatalogMode::kReadWrite  ? ": opening"
+                      : mode == CatalogMode::kReadOnly ? ": opening read-only"
+                                                       : ": opening as a secondary";
+    return FromRocksDb(s, context + how);
+  }
   return std::unique_ptr<Catalog>(new RocksDbCatalog(dir, std::unique_ptr<rocksdb::DB>(raw_db),
-                                                     std::move(families), config.sync_write));
+                                                     std::move(families), config.sync_write,
+                                                     read_only, std::move(scratch_dir)));
 }
 
 }  // namespace kvtier

@@ -64,12 +64,30 @@ struct CatalogMeta {
   friend bool operator==(const CatalogMeta&, const CatalogMeta&) = default;
 };
 
+// How a catalog is opened.
+enum class CatalogMode : uint8_t {
+  // The store's mode: reads and writes, RocksDB's lock taken.
+  kReadWrite,
+  // For offline inspection, also while a store has the catalog open elsewhere
+  // (RocksDB's OpenForReadOnly): takes no lock and writes nothing, not even at Close;
+  // sees the database as of Open. Every write fails with FailedPrecondition. Not for a
+  // database another process has open (RocksDB leaves that undefined): see kSecondary.
+  kReadOnly,
+  // Read-only beside a live writer (RocksDB's secondary instance, caught up with the
+  // writer once at Open; its info log goes to a temporary directory removed at Close).
+  // Takes no lock and writes nothing in `dir`; sees the database as of Open. Every write
+  // fails with FailedPrecondition.
+  kSecondary,
+};
+
 class Catalog {
  public:
-  // Opens (creating when `create_if_missing`) the RocksDB database in `dir`.
-  // Errors: NotFound (no catalog and !create_if_missing), IOError/Corruption from
-  // RocksDB with its message.
-  static Result<std::unique_ptr<Catalog>> Open(const std::string& dir, bool create_if_missing);
+  // Opens (creating when `create_if_missing`, which the read-only modes refuse) the RocksDB
+  // database in `dir`. Errors: NotFound (no catalog and !create_if_missing),
+  // InvalidArgument (a read-only mode with create_if_missing), IOError/Corruption from RocksDB
+  // with its message.
+  static Result<std::unique_ptr<Catalog>> Open(const std::string& dir, bool create_if_missing,
+                                               CatalogMode mode = CatalogMode::kReadWrite);
   virtual ~Catalog() = default;
 
   // The store's metadata; nullopt for a new catalog.
