@@ -20,6 +20,7 @@
 #include "tools/json_writer.h"
 #include "tools/sparse_attention.h"
 #include "tools/tool_util.h"
+#include "tools/trace.h"
 
 namespace kvtier::tools {
 namespace {
@@ -92,6 +93,7 @@ class DecodeDemo {
   std::string gpu_text_;
   cuda::Stream stream_;
   std::unique_ptr<SparseAttention> attention_;
+  std::unique_ptr<TraceWriter> trace_;  // --trace-out
   const SequenceId sequence_ = SequenceId::FromU64(1);
 
   std::vector<uint32_t> eval_layers_;
@@ -181,6 +183,19 @@ Status DecodeDemo::Setup() {
                                    "attends up to " +
                                    std::to_string(max_entries) + " blocks of " +
                                    std::to_string(layout_.BytesPerBlock()) + " bytes");
+  }
+  if (!config_.trace_out.empty()) {
+    const TraceHeader header{.layers = layout_.num_layers,
+                             .block_bytes = layout_.BytesPerBlock(),
+                             .block_tokens = layout_.block_tokens,
+                             .tokens = config_.tokens,
+                             .source = "kvtier demo, " + layout_.ToString() + ", top_k " +
+                                       std::to_string(r.top_k) + ", n_init " +
+                                       std::to_string(r.n_init) + ", n_local " +
+                                       std::to_string(r.n_local)};
+    Result<std::unique_ptr<TraceWriter>> trace = TraceWriter::Open(config_.trace_out, header);
+    if (!trace.ok()) return trace.status().WithContext("--trace-out");
+    trace_ = std::move(trace).value();
   }
   KVTIER_ASSIGN_OR_RETURN(attention_,
                           SparseAttention::Create(layout_, on_gpu_, uint32_t(max_entries),
@@ -313,6 +328,10 @@ Status DecodeDemo::Layer(uint32_t step, uint32_t layer, StepRow* row) {
                           store_->Acquire(kNamespace, sequence_, layer, blocks_, stream_.get(),
                                           addresses_, block_scores_));
   row->fetch_s += SecondsSince(t0);
+  if (trace_ != nullptr) {
+    KVTIER_RETURN_IF_ERROR(
+        trace_->Append(step, layer, blocks_, block_scores_).WithContext("--trace-out"));
+  }
   row->blocks += blocks_.size();
   row->hits += acquired.hits;
   row->from_host += acquired.from_host;
@@ -578,6 +597,9 @@ int DecodeDemo::Run() {
     if (failed.ok() && !config_.json) PrintStep(step, row);
   }
   decode_s_ = SecondsSince(decode_start);
+  if (trace_ != nullptr) {
+    if (Status s = trace_->Close(); !s.ok() && failed.ok()) failed = s.WithContext("--trace-out");
+  }
   if (!failed.ok()) std::fprintf(stderr, "kvtier demo: %s\n", failed.ToString().c_str());
   const StepRow t = Total();
   const bool ok = failed.ok() && kernel_mismatches_ == 0 && t.needles_found == t.needles;

@@ -42,6 +42,9 @@ void AddDemoCommand(CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   AddRetrievalFlags(cmd, &config->retrieval);
+  cmd->add_option("--trace-out", config->trace_out,
+                  "Record the access trace (per step and layer, the blocks acquired) for "
+                  "`kvtier replay`");
   cmd->add_option("--dir", config->dir,
                   "Store directory (kept); default: a temporary one under /var/tmp, removed");
   cmd->add_flag("--keep", config->keep, "Keep the temporary store directory");

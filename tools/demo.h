@@ -47,6 +47,7 @@ struct DemoConfig {
   uint32_t eval_layers = 2;
   double device_gib = 2.0;
   RetrievalOptions retrieval;  // enabled by the demo; the flags set the rest
+  std::string trace_out;       // non-empty: record the access trace there (tools/trace.h)
 
   // --verify-only.
   bool verify_only = false;

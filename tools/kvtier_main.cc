@@ -4,6 +4,9 @@
 
 #include "tools/demo.h"
 #include "tools/eval.h"
+#include "tools/inspect.h"
+#include "tools/replay.h"
+#include "tools/tensor_commands.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"kvtier: tiered KV-cache offload store, command-line tool"};
@@ -11,6 +14,14 @@ int main(int argc, char** argv) {
   int exit_code = 0;
   kvtier::tools::AddDemoCommand(app, &exit_code);
   kvtier::tools::AddEvalCommand(app, &exit_code);
+  kvtier::tools::AddInfoCommand(app, &exit_code);
+  kvtier::tools::AddLsCommand(app, &exit_code);
+  kvtier::tools::AddVerifyCommand(app, &exit_code);
+  kvtier::tools::AddExportCommand(app, &exit_code);
+  kvtier::tools::AddImportCommand(app, &exit_code);
+  kvtier::tools::AddExplainCommand(app, &exit_code);
+  kvtier::tools::AddReplayCommand(app, &exit_code);
+  kvtier::tools::AddPlotCommand(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -8,6 +8,7 @@ packages=(
   libboost-dev libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev libtomlplusplus-dev libxxhash-dev
   fio  # the baseline of `kvtier-bench disk` (the bench skips it when missing)
+  python3-matplotlib python3-numpy  # `kvtier plot` (tools/plot.py)
 )
 missing=()
 for p in "${packages[@]}"; do
