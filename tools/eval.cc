@@ -14,6 +14,7 @@
 #include "bench/workload/oracle.h"
 #include "kvtier/store.h"
 #include "tools/json_writer.h"
+#include "tools/npy_input.h"
 #include "tools/tool_util.h"
 
 namespace kvtier::tools {
@@ -42,40 +43,14 @@ struct Inputs {
   DType dtype = DType::kF32;  // of the keys and values, and so of the store's blocks
 };
 
-std::string ShapeString(const std::vector<uint64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-Result<std::unique_ptr<NpyReader>> OpenInput(const char* flag, const std::string& path) {
-  Result<std::unique_ptr<NpyReader>> r = NpyReader::Open(path);
-  if (!r.ok()) return r.status().WithContext(flag);
-  const bench::NpyHeader& h = (*r)->header();
-  if (h.dtype != NpyDType::kFloat16 && h.dtype != NpyDType::kFloat32) {
-    return Status::InvalidArgument(std::string(flag) + " " + path + ": dtype " +
-                                   std::string(bench::NpyDTypeDescr(h.dtype)) +
-                                   "; expected float16 or float32");
-  }
-  if (h.shape.size() != 4) {
-    return Status::InvalidArgument(std::string(flag) + " " + path + ": shape " +
-                                   ShapeString(h.shape) + " has " + std::to_string(h.shape.size()) +
-                                   " dimensions; expected 4");
-  }
-  for (uint64_t d : h.shape) {
-    if (d == 0 || d > (uint64_t{1} << 32)) {
-      return Status::InvalidArgument(std::string(flag) + " " + path + ": shape " +
-                                     ShapeString(h.shape) + " has an empty or huge dimension");
-    }
-  }
-  return r;
-}
+constexpr char kKvAxes[] = "[layers, tokens, kv_heads, head_dim]";
 
 Result<Inputs> OpenInputs(const EvalConfig& config) {
   Inputs in;
-  KVTIER_ASSIGN_OR_RETURN(in.keys, OpenInput("--keys", config.keys_path));
-  KVTIER_ASSIGN_OR_RETURN(in.values, OpenInput("--values", config.values_path));
-  KVTIER_ASSIGN_OR_RETURN(in.queries, OpenInput("--queries", config.queries_path));
+  KVTIER_ASSIGN_OR_RETURN(in.keys, OpenFloatArray4("--keys", config.keys_path, kKvAxes));
+  KVTIER_ASSIGN_OR_RETURN(in.values, OpenFloatArray4("--values", config.values_path, kKvAxes));
+  KVTIER_ASSIGN_OR_RETURN(in.queries, OpenFloatArray4("--queries", config.queries_path,
+                                                      "[layers, steps, query_heads, head_dim]"));
   const bench::NpyHeader& k = in.keys->header();
   const bench::NpyHeader& v = in.values->header();
   const bench::NpyHeader& q = in.queries->header();

@@ -31,6 +31,7 @@
 #include "kvtier/store.h"
 #include "tools/inspect.h"
 #include "tools/json_writer.h"
+#include "tools/npy_input.h"
 #include "tools/progress.h"
 #include "tools/store_reader.h"
 #include "tools/tensor_commands.h"
@@ -59,33 +60,7 @@ struct ImportConfig {
   bool json = false;
 };
 
-std::string Shape(const std::vector<uint64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-Result<std::unique_ptr<NpyReader>> OpenArray(const char* flag, const std::string& path) {
-  Result<std::unique_ptr<NpyReader>> r = NpyReader::Open(path);
-  if (!r.ok()) return r.status().WithContext(flag);
-  const bench::NpyHeader& h = (*r)->header();
-  if (h.dtype != NpyDType::kFloat16 && h.dtype != NpyDType::kFloat32) {
-    return Status::InvalidArgument(std::string(flag) + " " + path + ": dtype " +
-                                   std::string(bench::NpyDTypeDescr(h.dtype)) +
-                                   "; expected float16 or float32");
-  }
-  if (h.shape.size() != 4) {
-    return Status::InvalidArgument(std::string(flag) + " " + path + ": shape " + Shape(h.shape) +
-                                   "; expected [layers, tokens, kv_heads, head_dim]");
-  }
-  for (uint64_t d : h.shape) {
-    if (d == 0 || d > (uint64_t{1} << 32)) {
-      return Status::InvalidArgument(std::string(flag) + " " + path + ": shape " + Shape(h.shape) +
-                                     " has an empty or huge dimension");
-    }
-  }
-  return r;
-}
+constexpr char kKvAxes[] = "[layers, tokens, kv_heads, head_dim]";
 
 // "A:B" -> [A, B); empty -> [0, rows).
 Status ParseLayers(const std::string& text, uint64_t rows, uint32_t* first, uint32_t* end) {
@@ -127,8 +102,8 @@ Result<Plan> MakePlan(const ImportConfig& c, const NpyReader& keys, const NpyRea
   const bench::NpyHeader& v = values.header();
   if (k.shape != v.shape || k.dtype != v.dtype) {
     return Status::InvalidArgument(
-        "--keys " + Shape(k.shape) + " " + std::string(bench::NpyDTypeDescr(k.dtype)) +
-        " and --values " + Shape(v.shape) + " " + std::string(bench::NpyDTypeDescr(v.dtype)) +
+        "--keys " + ShapeString(k.shape) + " " + std::string(bench::NpyDTypeDescr(k.dtype)) +
+        " and --values " + ShapeString(v.shape) + " " + std::string(bench::NpyDTypeDescr(v.dtype)) +
         " must have one shape and dtype");
   }
   Plan p;
@@ -179,7 +154,7 @@ Result<Plan> MakePlan(const ImportConfig& c, const NpyReader& keys, const NpyRea
     }
     const ModelLayout& l = p.layout;
     if (l.num_kv_heads != kv_heads || l.head_dim != head_dim) {
-      return Status::InvalidArgument("--keys " + Shape(k.shape) +
+      return Status::InvalidArgument("--keys " + ShapeString(k.shape) +
                                      " [layers, tokens, kv_heads, head_dim] does not fit store " +
                                      c.dir + " (" + l.ToString() + ")");
     }
@@ -300,8 +275,10 @@ class LayerWriter {
 
 Status Import(const ImportConfig& c, Plan* plan_out, uint64_t* blocks_out, double* wall_s) {
   const auto start = std::chrono::steady_clock::now();
-  KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<NpyReader> keys, OpenArray("--keys", c.keys_path));
-  KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<NpyReader> values, OpenArray("--values", c.values_path));
+  KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<NpyReader> keys,
+                          OpenFloatArray4("--keys", c.keys_path, kKvAxes));
+  KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<NpyReader> values,
+                          OpenFloatArray4("--values", c.values_path, kKvAxes));
   KVTIER_ASSIGN_OR_RETURN(Plan plan, MakePlan(c, *keys, *values));
   const ModelLayout& l = plan.layout;
   const uint64_t blocks_per_layer = (plan.tokens + l.block_tokens - 1) / l.block_tokens;
