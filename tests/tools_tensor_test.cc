@@ -29,6 +29,7 @@
 #include "bench/workload/oracle.h"
 #include "bench/workload/workload.h"
 #include "kvtier/store.h"
+#include "tests/json_reader.h"
 
 #ifndef KVTIER_TOOL
 #error "KVTIER_TOOL must name the kvtier binary"
@@ -39,164 +40,8 @@ namespace {
 
 using bench::NpyDType;
 
-// --- A small JSON reader (objects, arrays, numbers, strings, true/false/null) ---------
-
-struct Json {
-  std::variant<std::nullptr_t, bool, double, std::string, std::vector<Json>,
-               std::vector<std::pair<std::string, Json>>>
-      v;
-  bool is_object() const { return v.index() == 5; }
-  bool is_array() const { return v.index() == 4; }
-  bool has(const std::string& key) const {
-    if (!is_object()) return false;
-    for (const auto& [k, x] : std::get<5>(v)) {
-      if (k == key) return true;
-    }
-    return false;
-  }
-  const Json& operator[](const std::string& key) const {
-    static const Json missing;
-    if (!is_object()) return missing;
-    for (const auto& [k, x] : std::get<5>(v)) {
-      if (k == key) return x;
-    }
-    return missing;
-  }
-  const Json& operator[](size_t i) const { return std::get<4>(v).at(i); }
-  size_t size() const { return is_array() ? std::get<4>(v).size() : 0; }
-  double num() const { return v.index() == 2 ? std::get<2>(v) : std::nan(""); }
-  bool boolean() const { return v.index() == 1 && std::get<1>(v); }
-  std::string str() const { return v.index() == 3 ? std::get<3>(v) : "<not a string>"; }
-  std::vector<std::string> keys() const {
-    std::vector<std::string> out;
-    if (is_object()) {
-      for (const auto& [k, x] : std::get<5>(v)) out.push_back(k);
-    }
-    return out;
-  }
-};
-
-class JsonParser {
- public:
-  explicit JsonParser(const std::string& text) : s_(text) {}
-  // False when the text is not one JSON value (surrounding whitespace allowed).
-  bool Parse(Json* out) {
-    if (!Value(out)) return false;
-    Space();
-    return i_ == s_.size();
-  }
-
- private:
-  void Space() {
-    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
-  }
-  bool Literal(const char* word) {
-    const size_t n = std::strlen(word);
-    if (s_.compare(i_, n, word) != 0) return false;
-    i_ += n;
-    return true;
-  }
-  bool String(std::string* out) {
-    if (s_[i_] != '"') return false;
-    ++i_;
-    while (i_ < s_.size() && s_[i_] != '"') {
-      if (s_[i_] == '\\') {
-        if (++i_ >= s_.size()) return false;
-        const char c = s_[i_];
-        if (c == 'u') {
-          if (i_ + 4 >= s_.size()) return false;
-          out->push_back(static_cast<char>(std::stoi(s_.substr(i_ + 1, 4), nullptr, 16)));
-          i_ += 4;
-        } else {
-          out->push_back(c == 'n' ? '\n' : c == 't' ? '\t' : c);
-        }
-      } else {
-        out->push_back(s_[i_]);
-      }
-      ++i_;
-    }
-    if (i_ >= s_.size()) return false;
-    ++i_;
-    return true;
-  }
-  bool Value(Json* out) {
-    Space();
-    if (i_ >= s_.size()) return false;
-    const char c = s_[i_];
-    if (c == '{') {
-      ++i_;
-      std::vector<std::pair<std::string, Json>> members;
-      Space();
-      if (i_ < s_.size() && s_[i_] == '}') {
-        ++i_;
-        out->v = std::move(members);
-        return true;
-      }
-      while (true) {
-        Space();
-        std::string key;
-        if (i_ >= s_.size() || !String(&key)) return false;
-        Space();
-        if (i_ >= s_.size() || s_[i_++] != ':') return false;
-        Json value;
-        if (!Value(&value)) return false;
-        members.emplace_back(std::move(key), std::move(value));
-        Space();
-        if (i_ >= s_.size()) return false;
-        if (s_[i_] == ',') {
-          ++i_;
-          continue;
-        }
-        if (s_[i_++] != '}') return false;
-        out->v = std::move(members);
-        return true;
-      }
-    }
-    if (c == '[') {
-      ++i_;
-      std::vector<Json> items;
-      Space();
-      if (i_ < s_.size() && s_[i_] == ']') {
-        ++i_;
-        out->v = std::move(items);
-        return true;
-      }
-      while (true) {
-        Json value;
-        if (!Value(&value)) return false;
-        items.push_back(std::move(value));
-        Space();
-        if (i_ >= s_.size()) return false;
-        if (s_[i_] == ',') {
-          ++i_;
-          continue;
-        }
-        if (s_[i_++] != ']') return false;
-        out->v = std::move(items);
-        return true;
-      }
-    }
-    if (c == '"') {
-      std::string str;
-      if (!String(&str)) return false;
-      out->v = std::move(str);
-      return true;
-    }
-    if (Literal("true")) return out->v = true, true;
-    if (Literal("false")) return out->v = false, true;
-    if (Literal("null")) return out->v = nullptr, true;
-    const char* begin = s_.c_str() + i_;
-    char* end = nullptr;
-    const double d = std::strtod(begin, &end);
-    if (end == begin) return false;
-    i_ += static_cast<size_t>(end - begin);
-    out->v = d;
-    return true;
-  }
-
-  const std::string& s_;
-  size_t i_ = 0;
-};
+using testing::Json;
+using testing::JsonParser;
 
 // --- The fixture: arrays from the synthetic workload, the tool run as a process ---------
 
@@ -345,21 +190,21 @@ TEST_F(ToolsTensorTest, ImportCreatesTheStoreAndEveryBlockHoldsTheArrays) {
             (std::vector<std::string>{"ok", "dir", "created", "namespace", "sequence", "layout",
                                       "layer_begin", "layer_end", "tokens", "blocks", "bytes",
                                       "input_dtype", "dtype", "summary", "wall_s"}));
-  EXPECT_TRUE(j["ok"].boolean());
-  EXPECT_EQ(j["dir"].str(), store);
-  EXPECT_TRUE(j["created"].boolean());
-  EXPECT_EQ(j["namespace"].num(), 0);
-  EXPECT_EQ(j["sequence"].str(), SequenceId::FromU64(7).ToHex());
-  EXPECT_EQ(j["layout"].str(), kLayout.ToString());
-  EXPECT_EQ(j["layer_begin"].num(), 0);
-  EXPECT_EQ(j["layer_end"].num(), kLayers);
-  EXPECT_EQ(j["tokens"].num(), double(kTokens));
-  EXPECT_EQ(j["blocks"].num(), double(kLayers * kTokens / kBlockTokens));
-  EXPECT_EQ(j["bytes"].num(), double(kLayers * kTokens / kBlockTokens * kLayout.BytesPerBlock()));
-  EXPECT_EQ(j["input_dtype"].str(), "f32");
-  EXPECT_EQ(j["dtype"].str(), "f32");
-  EXPECT_EQ(j["summary"].str(), "clusters");
-  EXPECT_GE(j["wall_s"].num(), 0.0);
+  EXPECT_TRUE(j["ok"].boolean);
+  EXPECT_EQ(j["dir"].string, store);
+  EXPECT_TRUE(j["created"].boolean);
+  EXPECT_EQ(j["namespace"].number, 0);
+  EXPECT_EQ(j["sequence"].string, SequenceId::FromU64(7).ToHex());
+  EXPECT_EQ(j["layout"].string, kLayout.ToString());
+  EXPECT_EQ(j["layer_begin"].number, 0);
+  EXPECT_EQ(j["layer_end"].number, kLayers);
+  EXPECT_EQ(j["tokens"].number, double(kTokens));
+  EXPECT_EQ(j["blocks"].number, double(kLayers * kTokens / kBlockTokens));
+  EXPECT_EQ(j["bytes"].number, double(kLayers * kTokens / kBlockTokens * kLayout.BytesPerBlock()));
+  EXPECT_EQ(j["input_dtype"].string, "f32");
+  EXPECT_EQ(j["dtype"].string, "f32");
+  EXPECT_EQ(j["summary"].string, "clusters");
+  EXPECT_GE(j["wall_s"].number, 0.0);
 
   // Every block, read back through the store, is the arrays' tokens in kvtier's layout.
   auto opened = Store::Open(ReopenOptions(store), kLayout);
@@ -395,17 +240,17 @@ TEST_F(ToolsTensorTest, ImportRefusesWhatItMustNotOverwrite) {
   RunResult r = Run("import " + store + " --sequence 1" + arrays + " --json");
   EXPECT_EQ(r.exit_code, 2);
   ASSERT_TRUE(r.json_ok) << r.out;
-  EXPECT_FALSE(r.json["ok"].boolean());
-  EXPECT_NE(r.json["error"]["message"].str().find("--replace"), std::string::npos) << r.out;
+  EXPECT_FALSE(r.json["ok"].boolean);
+  EXPECT_NE(r.json["error"]["message"].string.find("--replace"), std::string::npos) << r.out;
   r = Run("import " + store + " --sequence 1" + arrays + " --replace --json");
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_FALSE(r.json["created"].boolean());
+  EXPECT_FALSE(r.json["created"].boolean);
   // Another sequence, f16 arrays into the f32 store: converted.
   r = Run("import " + store + " --sequence 2 --keys " + Path("K16.npy") + " --values " +
           Path("V16.npy") + " --json");
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.json["input_dtype"].str(), "f16");
-  EXPECT_EQ(r.json["dtype"].str(), "f32");
+  EXPECT_EQ(r.json["input_dtype"].string, "f16");
+  EXPECT_EQ(r.json["dtype"].string, "f32");
   // Another block size than the store's.
   r = Run("import " + store + " --sequence 3" + arrays + " --block-tokens 32");
   EXPECT_EQ(r.exit_code, 2);
@@ -437,13 +282,13 @@ TEST_F(ToolsTensorTest, ImportRefusesAStoreOpenElsewhereAndExplainStillReads) {
                     Path("V.npy") + " --json");
   EXPECT_EQ(r.exit_code, 2);
   ASSERT_TRUE(r.json_ok) << r.out;
-  EXPECT_NE(r.json["error"]["message"].str().find("open in another process"), std::string::npos)
+  EXPECT_NE(r.json["error"]["message"].string.find("open in another process"), std::string::npos)
       << r.out;
   EXPECT_FALSE((*opened)->Contains({0, SequenceId::FromU64(9), 0, 0}));
   r = Run(ExplainArgs(store, 1, 2) + " --json");
   EXPECT_EQ(r.exit_code, 0) << r.err;
   ASSERT_TRUE(r.json_ok) << r.out;
-  EXPECT_TRUE(r.json["store_locked"].boolean());
+  EXPECT_TRUE(r.json["store_locked"].boolean);
 }
 
 // A store created with one summary kind keeps it: a later import summarises as the store
@@ -454,14 +299,14 @@ TEST_F(ToolsTensorTest, ImportKeepsTheStoresSummaryKind) {
   RunResult r = Run("import " + store + " --sequence 7" + arrays +
                     " --block-tokens 16 --query-heads 8 --summary mean --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.json["summary"].str(), "mean");
+  EXPECT_EQ(r.json["summary"].string, "mean");
   r = Run("import " + store + " --sequence 8" + arrays + " --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.json["summary"].str(), "mean");
+  EXPECT_EQ(r.json["summary"].string, "mean");
   r = Run("explain " + store + " --sequence 8 --layer 1 --queries " + Path("Q.npy") + " --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.json["summary"].str(), "mean");
-  EXPECT_EQ(r.json["summary_rows"].num(), 1);
+  EXPECT_EQ(r.json["summary"].string, "mean");
+  EXPECT_EQ(r.json["summary_rows"].number, 1);
 }
 
 // import -> export gives back the very bytes of the arrays (np.save's form on both sides).
@@ -486,23 +331,23 @@ TEST_F(ToolsTensorTest, ExplainSelectsWhatSelectSelectsAndMeasuresTheTruth) {
       ASSERT_EQ(r.exit_code, 0) << r.err;
       ASSERT_TRUE(r.json_ok) << r.out;
       const Json& j = r.json;
-      EXPECT_TRUE(j["ok"].boolean());
-      EXPECT_FALSE(j["store_locked"].boolean());
-      EXPECT_EQ(j["layout"].str(), kLayout.ToString());
-      EXPECT_EQ(j["sequence"].str(), "7");
-      EXPECT_EQ(j["layer"].num(), layer);
-      EXPECT_EQ(j["step"].num(), step);
-      EXPECT_EQ(j["blocks"].num(), double(blocks));
-      EXPECT_EQ(j["tokens"].num(), double(kTokens));
-      EXPECT_EQ(j["context_tokens"].num(), double(kTokens));
-      EXPECT_EQ(j["summary"].str(), "clusters");
-      EXPECT_EQ(j["summary_rows"].num(), 3);
-      EXPECT_EQ(j["backend"].str(), "auto");
-      EXPECT_EQ(j["scope"].str(), "layer");
-      EXPECT_EQ(j["top_k"].num(), kTopK);
-      EXPECT_EQ(j["sink_blocks"].num(), double(sinks));
-      EXPECT_EQ(j["local_begin"].num(), double(local_begin));
-      EXPECT_EQ(j["local_end"].num(), double(blocks));
+      EXPECT_TRUE(j["ok"].boolean);
+      EXPECT_FALSE(j["store_locked"].boolean);
+      EXPECT_EQ(j["layout"].string, kLayout.ToString());
+      EXPECT_EQ(j["sequence"].string, "7");
+      EXPECT_EQ(j["layer"].number, layer);
+      EXPECT_EQ(j["step"].number, step);
+      EXPECT_EQ(j["blocks"].number, double(blocks));
+      EXPECT_EQ(j["tokens"].number, double(kTokens));
+      EXPECT_EQ(j["context_tokens"].number, double(kTokens));
+      EXPECT_EQ(j["summary"].string, "clusters");
+      EXPECT_EQ(j["summary_rows"].number, 3);
+      EXPECT_EQ(j["backend"].string, "auto");
+      EXPECT_EQ(j["scope"].string, "layer");
+      EXPECT_EQ(j["top_k"].number, kTopK);
+      EXPECT_EQ(j["sink_blocks"].number, double(sinks));
+      EXPECT_EQ(j["local_begin"].number, double(local_begin));
+      EXPECT_EQ(j["local_end"].number, double(blocks));
 
       // The selection equals Store::Select's on the same store and queries.
       std::vector<int64_t> want(kTopK);
@@ -516,7 +361,7 @@ TEST_F(ToolsTensorTest, ExplainSelectsWhatSelectSelectsAndMeasuresTheTruth) {
         EXPECT_EQ(info->selected, kTopK);
       }
       ASSERT_EQ(j["selected"].size(), size_t{kTopK});
-      for (uint32_t i = 0; i < kTopK; ++i) EXPECT_EQ(j["selected"][i].num(), double(want[i]));
+      for (uint32_t i = 0; i < kTopK; ++i) EXPECT_EQ(j["selected"][i].number, double(want[i]));
 
       // The true shares: the oracle's masses from the arrays, per block, / query heads.
       const uint64_t kv = kTokens * kKvHeads * kHeadDim, qf = uint64_t{kQueryHeads} * kHeadDim;
@@ -540,21 +385,21 @@ TEST_F(ToolsTensorTest, ExplainSelectsWhatSelectSelectsAndMeasuresTheTruth) {
       std::vector<uint64_t> oracle_topk;
       for (uint64_t b = 0; b < blocks; ++b) {
         const Json& row = rows[b];
-        EXPECT_EQ(row["block"].num(), double(b));
-        EXPECT_EQ(row["role"].str(), b < sinks          ? "sink"
-                                     : b >= local_begin ? "window"
-                                                        : "candidate");
-        EXPECT_TRUE(row["indexed"].boolean());
-        EXPECT_NEAR(row["true_share"].num(), mass[b] / kQueryHeads, 1e-6 * mass[b] + 1e-12);
-        share_sum += row["true_share"].num();
-        const double est = row["est_share"].num();
+        EXPECT_EQ(row["block"].number, double(b));
+        EXPECT_EQ(row["role"].string, b < sinks          ? "sink"
+                                      : b >= local_begin ? "window"
+                                                         : "candidate");
+        EXPECT_TRUE(row["indexed"].boolean);
+        EXPECT_NEAR(row["true_share"].number, mass[b] / kQueryHeads, 1e-6 * mass[b] + 1e-12);
+        share_sum += row["true_share"].number;
+        const double est = row["est_share"].number;
         EXPECT_TRUE(std::isfinite(est) && est >= 0 && est <= 1.0 + 1e-3) << est;
-        est_ranks.push_back(int64_t(row["est_rank"].num()));
-        true_ranks.push_back(int64_t(row["true_rank"].num()));
+        est_ranks.push_back(int64_t(row["est_rank"].number));
+        true_ranks.push_back(int64_t(row["true_rank"].number));
         const auto at = std::find(want.begin(), want.end(), int64_t(b));
-        EXPECT_EQ(row["selected"].boolean(), at != want.end());
-        EXPECT_EQ(row["selected_at"].num(), at != want.end() ? double(at - want.begin()) : -1.0);
-        if (row["oracle_topk"].boolean()) oracle_topk.push_back(b);
+        EXPECT_EQ(row["selected"].boolean, at != want.end());
+        EXPECT_EQ(row["selected_at"].number, at != want.end() ? double(at - want.begin()) : -1.0);
+        if (row["oracle_topk"].boolean) oracle_topk.push_back(b);
       }
       EXPECT_NEAR(share_sum, 1.0, 1e-5);
       // Both ranks are permutations of 1..blocks.
@@ -575,8 +420,8 @@ TEST_F(ToolsTensorTest, ExplainSelectsWhatSelectSelectsAndMeasuresTheTruth) {
       }
       auto m = (*oracle)->Evaluate({kNInit, kNLocal, kTopK}, attended);
       ASSERT_TRUE(m.ok());
-      EXPECT_NEAR(j["recall"].num(), m->recall, 1e-6);
-      EXPECT_NEAR(j["coverage"].num(), m->coverage, 1e-5);
+      EXPECT_NEAR(j["recall"].number, m->recall, 1e-6);
+      EXPECT_NEAR(j["coverage"].number, m->coverage, 1e-5);
     }
   }
 }
@@ -590,9 +435,9 @@ TEST_F(ToolsTensorTest, ExplainTextPartialBlockAndKvHeadScope) {
   RunResult r = Run(ExplainArgs(store, 1, 1) + " --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ASSERT_TRUE(r.json_ok);
-  EXPECT_EQ(r.json["blocks"].num(), 63);
-  EXPECT_EQ(r.json["tokens"].num(), double(kShortTokens));  // the last block's 8 tokens
-  EXPECT_EQ(r.json["local_end"].num(), 63);
+  EXPECT_EQ(r.json["blocks"].number, 63);
+  EXPECT_EQ(r.json["tokens"].number, double(kShortTokens));  // the last block's 8 tokens
+  EXPECT_EQ(r.json["local_end"].number, 63);
   r = Run(ExplainArgs(store, 1, 1) + " --scope kv-head --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.json["selected"].size(), size_t{kTopK * kKvHeads});
@@ -606,7 +451,7 @@ TEST_F(ToolsTensorTest, ExplainReportsBadInputsAndADamagedStore) {
   RunResult r = Run(ExplainArgs(Path("absent"), 0, 0) + " --json");
   EXPECT_EQ(r.exit_code, 2);
   ASSERT_TRUE(r.json_ok) << r.out;
-  EXPECT_FALSE(r.json["ok"].boolean());
+  EXPECT_FALSE(r.json["ok"].boolean);
   r = Run(ExplainArgs(Path("store"), 5, 0));
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("--layer 5"), std::string::npos) << r.err;
@@ -641,7 +486,7 @@ TEST_F(ToolsTensorTest, ExplainReportsBadInputsAndADamagedStore) {
   r = Run(ExplainArgs(store, 0, 0) + " --json");
   EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
   ASSERT_TRUE(r.json_ok) << r.out;
-  EXPECT_EQ(r.json["error"]["code"].str(), "Corruption") << r.out;
+  EXPECT_EQ(r.json["error"]["code"].string, "Corruption") << r.out;
 }
 
 // --- replay -----------------------------------------------------------------------------
@@ -654,8 +499,8 @@ void WriteText(const std::string& path, const std::string& text) {
 const Json* FindRun(const Json& j, const std::string& policy, bool prefetch, double gpu_blocks) {
   for (size_t i = 0; i < j["runs"].size(); ++i) {
     const Json& r = j["runs"][i];
-    if (r["policy"].str() == policy && r["prefetch"].boolean() == prefetch &&
-        r["gpu_blocks"].num() == gpu_blocks) {
+    if (r["policy"].string == policy && r["prefetch"].boolean == prefetch &&
+        r["gpu_blocks"].number == gpu_blocks) {
       return &r;
     }
   }
@@ -676,33 +521,33 @@ TEST_F(ToolsTensorTest, ReplayGivesHandComputedLruHits) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ASSERT_TRUE(r.json_ok) << r.out;
   const Json& j = r.json;
-  EXPECT_EQ(j["layers"].num(), 1);
-  EXPECT_EQ(j["steps"].num(), 8);
-  EXPECT_EQ(j["records"].num(), 8);
-  EXPECT_EQ(j["blocks"].num(), 4);
-  EXPECT_EQ(j["block_bytes"].num(), 1e6);
-  EXPECT_EQ(j["max_record_blocks"].num(), 1);
+  EXPECT_EQ(j["layers"].number, 1);
+  EXPECT_EQ(j["steps"].number, 8);
+  EXPECT_EQ(j["records"].number, 8);
+  EXPECT_EQ(j["blocks"].number, 4);
+  EXPECT_EQ(j["block_bytes"].number, 1e6);
+  EXPECT_EQ(j["max_record_blocks"].number, 1);
   ASSERT_EQ(j["runs"].size(), 2u);
   const Json* two = FindRun(j, "lru", false, 2);
   ASSERT_NE(two, nullptr);
-  EXPECT_EQ((*two)["acquired_blocks"].num(), 8);
-  EXPECT_EQ((*two)["hits"].num(), 2);
-  EXPECT_EQ((*two)["misses"].num(), 6);
-  EXPECT_EQ((*two)["hit_rate"].num(), 0.25);
-  EXPECT_EQ((*two)["evictions"].num(), 4);
-  EXPECT_EQ((*two)["bytes_moved"].num(), 6e6);
-  EXPECT_EQ((*two)["prefetches"].num(), 0);
-  EXPECT_EQ((*two)["per_layer_blocks"].num(), 0);
+  EXPECT_EQ((*two)["acquired_blocks"].number, 8);
+  EXPECT_EQ((*two)["hits"].number, 2);
+  EXPECT_EQ((*two)["misses"].number, 6);
+  EXPECT_EQ((*two)["hit_rate"].number, 0.25);
+  EXPECT_EQ((*two)["evictions"].number, 4);
+  EXPECT_EQ((*two)["bytes_moved"].number, 6e6);
+  EXPECT_EQ((*two)["prefetches"].number, 0);
+  EXPECT_EQ((*two)["per_layer_blocks"].number, 0);
   EXPECT_EQ((*two)["stall_us_steps"].size(), 8u);
-  EXPECT_GE((*two)["stall_us_per_step"].num(), 0);
+  EXPECT_GE((*two)["stall_us_per_step"].number, 0);
   const Json* three = FindRun(j, "lru", false, 3);
   ASSERT_NE(three, nullptr);
-  EXPECT_EQ((*three)["hits"].num(), 5);
-  EXPECT_EQ((*three)["misses"].num(), 3);
+  EXPECT_EQ((*three)["hits"].number, 5);
+  EXPECT_EQ((*three)["misses"].number, 3);
   // The heat map: per step, the acquires of each block.
   ASSERT_EQ(j["heatmap"]["counts"].size(), 8u);
-  EXPECT_EQ(j["heatmap"]["counts"][3][3].num(), 1);
-  EXPECT_EQ(j["heatmap"]["counts"][3][1].num(), 0);
+  EXPECT_EQ(j["heatmap"]["counts"][3][3].number, 1);
+  EXPECT_EQ(j["heatmap"]["counts"][3][1].number, 0);
 }
 
 TEST_F(ToolsTensorTest, ReplayPerLayerAgainstSharedLru) {
@@ -724,19 +569,19 @@ TEST_F(ToolsTensorTest, ReplayPerLayerAgainstSharedLru) {
   ASSERT_EQ(r.json["runs"].size(), 8u);
   const Json* per_layer = FindRun(r.json, "lru-per-layer", false, 4);
   ASSERT_NE(per_layer, nullptr);
-  EXPECT_EQ((*per_layer)["per_layer_blocks"].num(), 2);
-  EXPECT_EQ((*per_layer)["hits"].num(), 2);
-  EXPECT_EQ((*per_layer)["acquired_blocks"].num(), 8);
+  EXPECT_EQ((*per_layer)["per_layer_blocks"].number, 2);
+  EXPECT_EQ((*per_layer)["hits"].number, 2);
+  EXPECT_EQ((*per_layer)["acquired_blocks"].number, 8);
   const Json* shared = FindRun(r.json, "lru", false, 4);
   ASSERT_NE(shared, nullptr);
-  EXPECT_EQ((*shared)["hits"].num(), 2);
+  EXPECT_EQ((*shared)["hits"].number, 2);
   for (size_t i = 0; i < r.json["runs"].size(); ++i) {
     const Json& run = r.json["runs"][i];
-    EXPECT_EQ(run["hits"].num() + run["misses"].num(), 8) << run["policy"].str();
-    EXPECT_GE(run["hit_rate"].num(), 0);
-    EXPECT_LE(run["hit_rate"].num(), 1);
-    if (!run["prefetch"].boolean()) {
-      EXPECT_EQ(run["prefetches"].num(), 0);
+    EXPECT_EQ(run["hits"].number + run["misses"].number, 8) << run["policy"].string;
+    EXPECT_GE(run["hit_rate"].number, 0);
+    EXPECT_LE(run["hit_rate"].number, 1);
+    if (!run["prefetch"].boolean) {
+      EXPECT_EQ(run["prefetches"].number, 0);
     }
   }
   // A tier too small for one record, per layer: a usage error.
@@ -770,7 +615,7 @@ TEST_F(ToolsTensorTest, ReplayRejectsMalformedTraces) {
   RunResult r = Run("replay " + Path("absent.trace") + " --json");
   EXPECT_EQ(r.exit_code, 2);
   ASSERT_TRUE(r.json_ok) << r.out;
-  EXPECT_FALSE(r.json["ok"].boolean());
+  EXPECT_FALSE(r.json["ok"].boolean);
 }
 
 // The demo records a trace, replay runs it with the default policies and sizes.
@@ -790,9 +635,9 @@ TEST_F(ToolsTensorTest, DemoRecordsATraceThatReplays) {
   r = Run("replay " + trace + " --compute-us 10 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ASSERT_TRUE(r.json_ok) << r.out;
-  EXPECT_EQ(r.json["steps"].num(), 3);
-  EXPECT_EQ(r.json["records"].num(), 6);
-  EXPECT_EQ(r.json["layers"].num(), 2);
+  EXPECT_EQ(r.json["steps"].number, 3);
+  EXPECT_EQ(r.json["records"].number, 6);
+  EXPECT_EQ(r.json["layers"].number, 2);
   // Default: 3 policies x prefetch off/on x 5 sizes.
   EXPECT_EQ(r.json["runs"].size(), 30u);
   EXPECT_EQ(r.json["gpu_blocks"].size(), 5u);
@@ -841,12 +686,12 @@ TEST_F(ToolsTensorTest, PlotWritesPngFilesFromEachKindOfJson) {
     r = Run("plot " + Path(input) + " --out " + out + " --json");
     ASSERT_EQ(r.exit_code, 0) << input << ": " << r.err;
     ASSERT_TRUE(r.json_ok) << r.out;
-    EXPECT_TRUE(r.json["ok"].boolean());
+    EXPECT_TRUE(r.json["ok"].boolean);
     ASSERT_EQ(r.json["files"].size(), files.size()) << r.out;
     for (size_t i = 0; i < files.size(); ++i) {
-      EXPECT_EQ(r.json["files"][i]["path"].str(), out + "/" + files[i]);
+      EXPECT_EQ(r.json["files"][i]["path"].string, out + "/" + files[i]);
       EXPECT_TRUE(IsPng(out + "/" + files[i])) << files[i];
-      EXPECT_EQ(r.json["files"][i]["bytes"].num(),
+      EXPECT_EQ(r.json["files"][i]["bytes"].number,
                 double(std::filesystem::file_size(out + "/" + files[i])));
     }
   }
@@ -865,7 +710,7 @@ TEST_F(ToolsTensorTest, PlotRejectsWhatItCannotDraw) {
   r = Run("plot " + Path("other.json") + " --out " + Path("p2") + " --json");
   EXPECT_EQ(r.exit_code, 2);
   ASSERT_TRUE(r.json_ok) << r.out;
-  EXPECT_FALSE(r.json["ok"].boolean());
+  EXPECT_FALSE(r.json["ok"].boolean);
   WriteText(Path("broken.json"), "{\"bench\":\"host\",\"put_gbps\":");
   r = Run("plot " + Path("broken.json") + " --out " + Path("p2"));
   EXPECT_EQ(r.exit_code, 2);
