@@ -25,154 +25,12 @@
 #include "kernels/cuda_runtime.h"
 #include "kernels/dtype_convert.h"
 #include "kvtier/store.h"
+#include "tests/index_test_util.h"
 
 namespace kvtier {
 namespace {
 
-constexpr uint32_t kBlockTokens = 32;
-
-struct Shape {
-  uint32_t hq, kv, d;
-  SummaryKind kind;
-  uint32_t rows;
-};
-
-IndexConfig Config(const Shape& s) {
-  IndexConfig c;
-  c.num_query_heads = s.hq;
-  c.summary = SummaryShape{s.kv, s.d, kBlockTokens, DType::kBF16, s.kind, s.rows};
-  c.backend = IndexBackend::kGpu;
-  return c;
-}
-
-std::unique_ptr<LayerIndex> Create(const IndexConfig& c) {
-  auto index = CreateLayerIndex(c);
-  EXPECT_TRUE(index.ok()) << index.status().ToString();
-  return index.ok() ? std::move(index.value()) : nullptr;
-}
-
-std::vector<float> Randn(uint64_t n, std::mt19937_64& rng, float sd = 1.0f) {
-  std::normal_distribution<float> dist(0.0f, sd);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-// fp16 rows N(offset, 1) with a per-block, per-head offset; weights as the kind defines
-// them; a kClusters row now and then empty (weight 0, zero vector).
-BlockSummary FilledSummary(const SummaryShape& s, std::mt19937_64& rng) {
-  BlockSummary out;
-  out.vectors.resize(s.vector_elements());
-  out.weights.resize(s.weight_elements());
-  std::uniform_int_distribution<uint32_t> tokens(1, kBlockTokens);
-  out.valid_tokens = tokens(rng);
-  for (uint32_t kv = 0; kv < s.num_kv_heads; ++kv) {
-    const std::vector<float> offset = Randn(s.head_dim, rng, 0.7f);
-    for (uint32_t j = 0; j < s.rows; ++j) {
-      const std::vector<float> v = Randn(s.head_dim, rng);
-      const bool empty = s.kind == SummaryKind::kClusters && rng() % 9 == 0;
-      for (uint32_t c = 0; c < s.head_dim; ++c) {
-        out.vectors[(uint64_t{kv} * s.rows + j) * s.head_dim + c] =
-            empty ? 0 : FloatToHalfBits(v[c] + offset[c]);
-      }
-      out.weights[uint64_t{kv} * s.rows + j] =
-          s.kind == SummaryKind::kClusters
-              ? (empty ? 0.0f : static_cast<float>(tokens(rng)))
-              : static_cast<float>(out.valid_tokens) / static_cast<float>(s.rows);
-    }
-  }
-  return out;
-}
-
-// A summary of a random bf16 block through SummarizeBlock.
-BlockSummary SummarizedBlock(const SummaryShape& s, std::mt19937_64& rng) {
-  const uint64_t elements = uint64_t{s.num_kv_heads} * s.block_tokens * s.head_dim;
-  const std::vector<float> keys = Randn(elements, rng);
-  const std::vector<float> offset = Randn(uint64_t{s.num_kv_heads} * s.head_dim, rng, 0.7f);
-  std::vector<uint16_t> block(2 * elements);  // keys, then values (not read)
-  for (uint64_t i = 0; i < elements; ++i) {
-    const uint64_t kv = i / (uint64_t{s.block_tokens} * s.head_dim);
-    block[i] = FloatToBf16Bits(keys[i] + offset[kv * s.head_dim + i % s.head_dim]);
-  }
-  std::vector<float> scores;
-  if (s.kind == SummaryKind::kTopR) scores = Randn(uint64_t{s.num_kv_heads} * s.block_tokens, rng);
-  BlockSummary out;
-  const uint32_t valid = 1 + static_cast<uint32_t>(rng() % s.block_tokens);
-  EXPECT_TRUE(SummarizeBlock(s, block.data(), valid, scores, &out).ok());
-  return out;
-}
-
-using Model = std::map<uint64_t, BlockSummary>;
-
-bool IsCandidate(const SelectParams& p, int64_t id) {
-  return id >= 0 && static_cast<uint64_t>(id) >= p.candidates_begin &&
-         static_cast<uint64_t>(id) < p.candidates_end;
-}
-
-struct Selection {
-  std::vector<int64_t> ids;
-  std::vector<float> scores;
-};
-
-Selection Select(LayerIndex& index, const SelectParams& p) {
-  const uint64_t size = SelectOutputSize(index.config(), p.scope, p.top_k);
-  Selection s{std::vector<int64_t>(size, 7), std::vector<float>(size, 7.0f)};
-  const Status st = index.Select(p, s.ids, s.scores);
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return s;
-}
-
-// `index`'s selection against ReferenceSelect's ranking of every candidate: position by
-// position the reference's block, or one whose reference score ties it within 1e-5
-// relative; scores within 1e-4 relative; -1 and 0 past the candidates.
-void ExpectMatchesReference(LayerIndex& index, const Model& model, const SelectParams& p) {
-  const IndexConfig& c = index.config();
-  std::vector<uint64_t> ids;
-  std::vector<const BlockSummary*> ptrs;
-  uint32_t candidates = 0;
-  for (const auto& [id, s] : model) {
-    ids.push_back(id);
-    ptrs.push_back(&s);
-    candidates += IsCandidate(p, static_cast<int64_t>(id)) ? 1 : 0;
-  }
-  SelectParams all = p;
-  all.top_k = std::max(1u, candidates);
-  const uint64_t all_size = SelectOutputSize(c, p.scope, all.top_k);
-  std::vector<int64_t> want(all_size);
-  std::vector<float> want_scores(all_size);
-  ASSERT_TRUE(ReferenceSelect(c, ids, ptrs, all, want, want_scores).ok());
-  const Selection got = Select(index, p);
-  const uint64_t score_rows = all_size / all.top_k;
-  ASSERT_EQ(got.ids.size(), score_rows * p.top_k);
-  for (uint64_t row = 0; row < score_rows; ++row) {
-    std::map<int64_t, float> score_of;
-    for (uint32_t i = 0; i < candidates; ++i) {
-      score_of[want[row * all.top_k + i]] = want_scores[row * all.top_k + i];
-    }
-    std::set<int64_t> seen;
-    for (uint32_t i = 0; i < p.top_k; ++i) {
-      const uint64_t at = row * p.top_k + i;
-      if (i >= candidates) {
-        EXPECT_EQ(got.ids[at], -1) << "row " << row << " position " << i;
-        EXPECT_EQ(got.scores[at], 0.0f);
-        continue;
-      }
-      const int64_t want_id = want[row * all.top_k + i];
-      const float want_score = want_scores[row * all.top_k + i];
-      ASSERT_TRUE(IsCandidate(p, got.ids[at])) << got.ids[at] << " at " << i;
-      ASSERT_TRUE(seen.insert(got.ids[at]).second) << "duplicate " << got.ids[at];
-      ASSERT_EQ(score_of.count(got.ids[at]), 1u) << got.ids[at] << " is not indexed";
-      const double ref = score_of.at(got.ids[at]);
-      if (got.ids[at] != want_id) {
-        EXPECT_NEAR(ref, want_score, 1e-5 * std::abs(want_score))
-            << "row " << row << " position " << i << ": got " << got.ids[at] << ", want "
-            << want_id;
-      }
-      EXPECT_FALSE(std::isnan(got.scores[at]));
-      EXPECT_NEAR(got.scores[at], ref, 1e-4 * std::abs(ref) + 1e-12) << "block " << got.ids[at];
-    }
-  }
-}
+using namespace index_test;  // NOLINT: the index tests' shared helpers
 
 // --- kGpu == ReferenceSelect ----------------------------------------------------------
 
@@ -186,7 +44,7 @@ class GpuIndexVsReference : public ::testing::TestWithParam<Case> {};
 
 TEST_P(GpuIndexVsReference, SameSelectionAsTheDefinition) {
   const Case p = GetParam();
-  const IndexConfig c = Config(p.shape);
+  const IndexConfig c = Config(IndexBackend::kGpu, p.shape);
   std::unique_ptr<LayerIndex> index = Create(c);
   ASSERT_NE(index, nullptr);
   EXPECT_EQ(GpuIndexOnDevice(*index), cuda::HasDevice());
@@ -194,7 +52,7 @@ TEST_P(GpuIndexVsReference, SameSelectionAsTheDefinition) {
   Model model;
   for (uint64_t b = 0; b < 300; ++b) {
     const uint64_t id = 500 + 3 * b;  // ids need not be dense
-    model[id] = p.summarized ? SummarizedBlock(c.summary, rng) : FilledSummary(c.summary, rng);
+    model[id] = p.summarized ? SummarizedBlock(c.summary, rng) : RandomSummary(c.summary, rng);
     ASSERT_TRUE(index->Add(id, model[id]).ok());
   }
   ASSERT_EQ(index->size(), model.size());
@@ -230,7 +88,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(GpuIndex, RandomOperationsAgainstAModel) {
   const Shape shape{16, 4, 64, SummaryKind::kClusters, 3};
-  const IndexConfig c = Config(shape);
+  const IndexConfig c = Config(IndexBackend::kGpu, shape);
   std::unique_ptr<LayerIndex> index = Create(c);
   ASSERT_NE(index, nullptr);
   std::mt19937_64 rng(77);
@@ -240,7 +98,7 @@ TEST(GpuIndex, RandomOperationsAgainstAModel) {
     // 128, 256) and shrinks again through removals.
     const uint64_t id = rng() % (40 + op / 4);
     if (rng() % 10 < 6) {  // add or replace
-      model[id] = FilledSummary(c.summary, rng);
+      model[id] = RandomSummary(c.summary, rng);
       ASSERT_TRUE(index->Add(id, model[id]).ok());
     } else {
       EXPECT_EQ(index->Remove(id), model.erase(id) == 1);
@@ -256,14 +114,14 @@ TEST(GpuIndex, RandomOperationsAgainstAModel) {
 
 TEST(GpuIndex, RemovedNeverSelectedReaddedIs) {
   const Shape shape{8, 2, 64, SummaryKind::kClusters, 3};
-  const IndexConfig c = Config(shape);
+  const IndexConfig c = Config(IndexBackend::kGpu, shape);
   std::unique_ptr<LayerIndex> index = Create(c);
   ASSERT_NE(index, nullptr);
   std::mt19937_64 rng(5);
   const std::vector<float> q = Randn(uint64_t{shape.hq} * shape.d, rng);
   Model model;
   for (uint64_t b = 0; b < 200; ++b) {
-    model[b] = FilledSummary(c.summary, rng);
+    model[b] = RandomSummary(c.summary, rng);
     ASSERT_TRUE(index->Add(b, model[b]).ok());
   }
   const SelectParams p{q, 8};
@@ -292,7 +150,7 @@ TEST(GpuIndex, RemovedNeverSelectedReaddedIs) {
 
 TEST(GpuIndex, CandidateRangeAndPadding) {
   const Shape shape{8, 2, 64, SummaryKind::kClusters, 3};
-  const IndexConfig c = Config(shape);
+  const IndexConfig c = Config(IndexBackend::kGpu, shape);
   std::unique_ptr<LayerIndex> index = Create(c);
   ASSERT_NE(index, nullptr);
   std::mt19937_64 rng(9);
@@ -303,7 +161,7 @@ TEST(GpuIndex, CandidateRangeAndPadding) {
   EXPECT_EQ(s.scores, std::vector<float>(4, 0.0f));
   Model model;
   for (uint64_t b = 0; b < 40; ++b) {
-    model[b] = FilledSummary(c.summary, rng);
+    model[b] = RandomSummary(c.summary, rng);
     ASSERT_TRUE(index->Add(b, model[b]).ok());
   }
   for (SelectionScope scope : {SelectionScope::kPerLayer, SelectionScope::kPerKvHead}) {
@@ -331,7 +189,7 @@ TEST(GpuIndex, CandidateRangeAndPadding) {
   }
   // The range changes between steps (the local window moves), and blocks come and go.
   for (uint64_t end = 30; end < 60; end += 3) {
-    model[end + 10] = FilledSummary(c.summary, rng);
+    model[end + 10] = RandomSummary(c.summary, rng);
     ASSERT_TRUE(index->Add(end + 10, model[end + 10]).ok());
     ExpectMatchesReference(*index, model, SelectParams{q, 5, SelectionScope::kPerLayer, 2, end});
   }
@@ -344,14 +202,15 @@ TEST(GpuIndex, CandidateRangeAndPadding) {
 // --- Configurations and arguments -----------------------------------------------------
 
 TEST(GpuIndex, RefusesMinMaxAndBadArguments) {
-  EXPECT_TRUE(CreateLayerIndex(Config(Shape{16, 2, 64, SummaryKind::kMinMax, 2}))
-                  .status()
-                  .IsInvalidArgument());
+  EXPECT_TRUE(
+      CreateLayerIndex(Config(IndexBackend::kGpu, Shape{16, 2, 64, SummaryKind::kMinMax, 2}))
+          .status()
+          .IsInvalidArgument());
   // More query heads per KV head than the kernel takes.
-  EXPECT_TRUE(CreateLayerIndex(Config(Shape{256, 1, 64, SummaryKind::kMean, 1}))
+  EXPECT_TRUE(CreateLayerIndex(Config(IndexBackend::kGpu, Shape{256, 1, 64, SummaryKind::kMean, 1}))
                   .status()
                   .IsInvalidArgument());
-  const IndexConfig c = Config(Shape{8, 2, 64, SummaryKind::kClusters, 3});
+  const IndexConfig c = Config(IndexBackend::kGpu, Shape{8, 2, 64, SummaryKind::kClusters, 3});
   std::unique_ptr<LayerIndex> index = Create(c);
   ASSERT_NE(index, nullptr);
   std::vector<float> q(8 * 64, 1.0f), short_q(5);
@@ -371,7 +230,7 @@ TEST(GpuIndex, RefusesMinMaxAndBadArguments) {
 
 // Forced emulation is emulated on any machine, and selects as the default mode does.
 TEST(GpuIndex, ForcedEmulationSelectsTheSame) {
-  const IndexConfig c = Config(Shape{32, 8, 128, SummaryKind::kClusters, 3});
+  const IndexConfig c = Config(IndexBackend::kGpu, Shape{32, 8, 128, SummaryKind::kClusters, 3});
   auto emulated = CreateGpuIndex(c, /*force_emulated=*/true);
   ASSERT_TRUE(emulated.ok()) << emulated.status().ToString();
   EXPECT_FALSE(GpuIndexOnDevice(**emulated));
