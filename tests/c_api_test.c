@@ -595,6 +595,18 @@ static void FillRetrievalBlock(float* block, float needle) {
   }
 }
 
+/* The layout of the retrieval tests: 2 layers of f32 blocks of the sizes above. */
+static kvtier_layout RetrievalLayout(void) {
+  kvtier_layout l;
+  l.num_layers = 2;
+  l.num_kv_heads = kKvHeads;
+  l.num_query_heads = kQueryHeads;
+  l.head_dim = kHeadDim;
+  l.dtype = KVTIER_DTYPE_F32;
+  l.block_tokens = kBlockTokens;
+  return l;
+}
+
 static void TestRetrieval(void) {
   kvtier_layout l;
   kvtier_options o;
@@ -609,12 +621,7 @@ static void TestRetrieval(void) {
   uint64_t bytes;
   uint32_t b, c;
 
-  l.num_layers = 2;
-  l.num_kv_heads = kKvHeads;
-  l.num_query_heads = kQueryHeads;
-  l.head_dim = kHeadDim;
-  l.dtype = KVTIER_DTYPE_F32;
-  l.block_tokens = kBlockTokens;
+  l = RetrievalLayout();
   bytes = kvtier_layout_block_bytes(&l);
   CHECK(bytes == 2 * kKvHeads * kBlockTokens * kHeadDim * 4);
   block = (float*)Allocate(bytes);
@@ -759,12 +766,7 @@ static void TestAcquire(void) {
   uint64_t bytes, lease;
   uint32_t b, i;
 
-  l.num_layers = 2;
-  l.num_kv_heads = kKvHeads;
-  l.num_query_heads = kQueryHeads;
-  l.head_dim = kHeadDim;
-  l.dtype = KVTIER_DTYPE_F32;
-  l.block_tokens = kBlockTokens;
+  l = RetrievalLayout();
   bytes = kvtier_layout_block_bytes(&l);
   for (b = 0; b < kBlocks; ++b) {
     blocks[b] = (float*)Allocate(bytes);
