@@ -47,6 +47,8 @@ TEST(StatusTest, CodeNamesAreStable) {
   // The C API and the wire protocol rely on these numbers.
   EXPECT_EQ(static_cast<int>(StatusCode::kNotFound), 2);
   EXPECT_EQ(static_cast<int>(StatusCode::kCancelled), 11);
+  EXPECT_EQ(static_cast<int>(StatusCode::kQuotaExceeded), 14);
+  EXPECT_EQ(StatusCodeName(StatusCode::kQuotaExceeded), "QuotaExceeded");
 }
 
 Result<int> Half(int x) {

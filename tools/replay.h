@@ -7,7 +7,7 @@
 // uses) on the emulated device, forced even where a GPU is present, fed by a modelled
 // BlockSource, and replays the trace: per record Acquire(blocks, scores), the modelled
 // attention time, Release; with prefetch, after each Acquire the same prefetch plan as
-// Store::Impl::PrefetchAfterAcquire (src/core/store_device.cc): for layer l + 1, the
+// EmbeddedStore::Impl::PrefetchAfterAcquire (src/core/store_device.cc): for layer l + 1, the
 // blocks layer l just acquired and those layer l + 1 acquired last; for layer l, the
 // record's runners-up when the trace has them (the demo's traces do not: the public
 // Store API does not expose them). NextStep() is called where the trace's step changes.

@@ -23,7 +23,7 @@
 //     size (DiskTier::Open refuses any other), zero-filled where it grows;
 //   - every intact block keeps its entry; a block that failed (checksum, unwritten,
 //     unreadable) is quarantined: kBlockCorrupt set in its catalog entry and its
-//     representatives removed, as Store::Impl::Promote does when a read fails;
+//     representatives removed, as EmbeddedStore::Impl::Promote does when a read fails;
 //   - an entry that can own no extent (bad_extent, or overlapping an entry kept before
 //     it: intact blocks first, then quarantined ones, in key order) is removed with its
 //     representatives: its bytes are gone or belong to another block, and the store

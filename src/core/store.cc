@@ -36,7 +36,7 @@ class SlotArray {
 
 }  // namespace
 
-Status Store::Impl::CheckKey(const BlockKey& key) const {
+Status EmbeddedStore::Impl::CheckKey(const BlockKey& key) const {
   if (key.layer >= layout.num_layers) {
     return Status::InvalidArgument("block " + key.ToString() + ": layer " +
                                    std::to_string(key.layer) + " outside the layout's " +
@@ -45,7 +45,7 @@ Status Store::Impl::CheckKey(const BlockKey& key) const {
   return Status::OK();
 }
 
-Status Store::Impl::CheckBuffer(const void* data, uint64_t bytes) const {
+Status EmbeddedStore::Impl::CheckBuffer(const void* data, uint64_t bytes) const {
   if (data == nullptr) return Status::InvalidArgument("null block buffer");
   if (bytes != block_bytes) {
     return Status::InvalidArgument("block buffer of " + std::to_string(bytes) +
@@ -55,7 +55,7 @@ Status Store::Impl::CheckBuffer(const void* data, uint64_t bytes) const {
   return Status::OK();
 }
 
-Result<SlotId> Store::Impl::ReserveLocked(bool for_put) {
+Result<SlotId> EmbeddedStore::Impl::ReserveLocked(bool for_put) {
   // With a disk tier, a Put never takes the last few slots that are free or clean:
   // they stay for promotions, so blocks on disk can be read even when the host tier is
   // full of blocks the disk cannot take (a full disk).
@@ -91,7 +91,7 @@ Result<SlotId> Store::Impl::ReserveLocked(bool for_put) {
   }
 }
 
-void Store::Impl::EvictLocked(SlotId victim) {
+void EmbeddedStore::Impl::EvictLocked(SlotId victim) {
   BlockIndex::Entry* entry = index.Find(pool->KeyOf(victim));
   ++stats.evictions;
   if (entry->on_disk && !entry->dirty) {
@@ -112,8 +112,8 @@ void Store::Impl::EvictLocked(SlotId victim) {
   index.Erase(entry);
 }
 
-RetrievalIndexes::LayerRef Store::Impl::CommitLocked(const BlockKey& key, SlotId slot,
-                                                     PreparedSummary* summary) {
+RetrievalIndexes::LayerRef EmbeddedStore::Impl::CommitLocked(const BlockKey& key, SlotId slot,
+                                                             PreparedSummary* summary) {
   auto [entry, created] = index.Insert(key);
   if (!created) {
     if (device != nullptr) device->Invalidate(key);  // the GPU tier's copy is stale
@@ -142,9 +142,9 @@ RetrievalIndexes::LayerRef Store::Impl::CommitLocked(const BlockKey& key, SlotId
   return retrieval->QueueAdd(key, std::move(summary->summary));
 }
 
-void Store::Impl::DetachLocked(BlockIndex::Entry* entry,
-                               std::vector<Catalog::Update>* catalog_deletes,
-                               std::vector<Extent>* extents_to_free) {
+void EmbeddedStore::Impl::DetachLocked(BlockIndex::Entry* entry,
+                                       std::vector<Catalog::Update>* catalog_deletes,
+                                       std::vector<Extent>* extents_to_free) {
   if (device != nullptr) device->Invalidate(*entry->key);
   if (entry->host_slot != BlockIndex::kNoSlot) pool->Retire(entry->host_slot);
   if (entry->dirty) {
@@ -165,7 +165,7 @@ void Store::Impl::DetachLocked(BlockIndex::Entry* entry,
   }
 }
 
-void Store::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
+void EmbeddedStore::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
   SlotId reserved = BlockIndex::kNoSlot;
   for (;;) {
     BlockIndex::Entry* e = index.Find(key);
@@ -204,7 +204,7 @@ void Store::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
   if (reserved != BlockIndex::kNoSlot) pool->Unpin(reserved);  // not needed after all
 }
 
-Status Store::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
+Status EmbeddedStore::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
   KVTIER_RETURN_IF_ERROR(CheckKey(key));
   KVTIER_RETURN_IF_ERROR(CheckBuffer(data, bytes));
   // The summary first, from the caller's data: no slot stays pinned meanwhile.
@@ -228,7 +228,8 @@ Status Store::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
   return Status::OK();
 }
 
-Status Store::Impl::PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses) {
+Status EmbeddedStore::Impl::PutBatch(std::span<const BlockWrite> writes,
+                                     std::span<Status> statuses) {
   if (statuses.size() != writes.size()) {
     return Status::InvalidArgument("PutBatch: " + std::to_string(statuses.size()) +
                                    " statuses for " + std::to_string(writes.size()) + " writes");
@@ -278,7 +279,7 @@ Status Store::Impl::PutBatch(std::span<const BlockWrite> writes, std::span<Statu
   return FirstFailure(statuses);
 }
 
-Status Store::Impl::GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) {
+Status EmbeddedStore::Impl::GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) {
   if (statuses.size() != reads.size()) {
     return Status::InvalidArgument("GetBatch: " + std::to_string(statuses.size()) +
                                    " statuses for " + std::to_string(reads.size()) + " reads");
@@ -292,8 +293,8 @@ Status Store::Impl::GetBatch(std::span<const BlockRead> reads, std::span<Status>
   return RunReads(reads, plans, statuses);
 }
 
-Status Store::Impl::RunReads(std::span<const BlockRead> reads, std::span<ReadPlan> plans,
-                             std::span<Status> statuses) {
+Status EmbeddedStore::Impl::RunReads(std::span<const BlockRead> reads, std::span<ReadPlan> plans,
+                                     std::span<Status> statuses) {
   bool any_promotion = false;
   for (size_t i = 0; i < reads.size(); ++i) {
     plans[i].status = CheckKey(reads[i].key);
@@ -332,9 +333,10 @@ Status Store::Impl::RunReads(std::span<const BlockRead> reads, std::span<ReadPla
   return FirstFailure(statuses);
 }
 
-// --- Store ---------------------------------------------------------------------------
+// --- EmbeddedStore ---------------------------------------------------------------------------
 
-Result<std::unique_ptr<Store>> Store::Open(const StoreOptions& options, const ModelLayout& layout) {
+Result<std::unique_ptr<EmbeddedStore>> EmbeddedStore::Open(const StoreOptions& options,
+                                                           const ModelLayout& layout) {
   KVTIER_RETURN_IF_ERROR(layout.Validate());
   if (options.async_threads == 0 || options.async_threads > 1024) {
     return Status::InvalidArgument("async_threads must be in [1, 1024], got " +
@@ -367,26 +369,26 @@ Result<std::unique_ptr<Store>> Store::Open(const StoreOptions& options, const Mo
   if (impl->retrieval != nullptr) impl->retrieval->ApplyAll();  // what the rebuild queued
   KVTIER_RETURN_IF_ERROR(impl->OpenDevice());
   impl->workers = std::make_unique<WorkerPool>(options.async_threads);
-  return std::unique_ptr<Store>(new Store(std::move(impl)));
+  return std::unique_ptr<EmbeddedStore>(new EmbeddedStore(std::move(impl)));
 }
 
-Store::Store(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+EmbeddedStore::EmbeddedStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Store::~Store() {
+EmbeddedStore::~EmbeddedStore() {
   impl_->workers.reset();  // runs what was submitted while everything else still lives
   impl_->device.reset();   // its prefetch thread pulls blocks from the tiers below
   impl_->CloseDisk();
 }
 
-const ModelLayout& Store::layout() const { return impl_->layout; }
-const StoreOptions& Store::options() const { return impl_->options; }
-uint64_t Store::block_bytes() const { return impl_->block_bytes; }
+const ModelLayout& EmbeddedStore::layout() const { return impl_->layout; }
+const StoreOptions& EmbeddedStore::options() const { return impl_->options; }
+uint64_t EmbeddedStore::block_bytes() const { return impl_->block_bytes; }
 
-Status Store::Put(const BlockKey& key, const void* data, uint64_t bytes) {
+Status EmbeddedStore::Put(const BlockKey& key, const void* data, uint64_t bytes) {
   return impl_->Put(key, data, bytes);
 }
 
-Status Store::Get(const BlockKey& key, void* data, uint64_t bytes) {
+Status EmbeddedStore::Get(const BlockKey& key, void* data, uint64_t bytes) {
   Status status;
   Impl::ReadPlan plan;
   const BlockRead read{key, data, bytes};
@@ -394,13 +396,13 @@ Status Store::Get(const BlockKey& key, void* data, uint64_t bytes) {
   return status;
 }
 
-bool Store::Contains(const BlockKey& key) const {
+bool EmbeddedStore::Contains(const BlockKey& key) const {
   MutexLock lock(&impl_->mu);
   const BlockIndex::Entry* e = impl_->index.Find(key);
   return e != nullptr && !(e->host_slot == BlockIndex::kNoSlot && (e->disk.flags & kBlockCorrupt));
 }
 
-Status Store::Delete(const BlockKey& key) {
+Status EmbeddedStore::Delete(const BlockKey& key) {
   Impl& d = *impl_;
   RetrievalIndexes::LayerRef touched;
   std::shared_ptr<RetrievalIndexes::Sequence> retired;  // freed once `mu` is released
@@ -422,7 +424,7 @@ Status Store::Delete(const BlockKey& key) {
   return Status::OK();
 }
 
-Result<uint64_t> Store::DropSequence(uint32_t namespace_id, const SequenceId& sequence) {
+Result<uint64_t> EmbeddedStore::DropSequence(uint32_t namespace_id, const SequenceId& sequence) {
   Impl& d = *impl_;
   std::shared_ptr<RetrievalIndexes::Sequence> retired;  // freed once `mu` is released
   MutexLock lock(&d.mu);
@@ -440,7 +442,7 @@ Result<uint64_t> Store::DropSequence(uint32_t namespace_id, const SequenceId& se
   return n;
 }
 
-StoreStats Store::Stats() const {
+StoreStats EmbeddedStore::Stats() const {
   const Impl& d = *impl_;
   MutexLock lock(&d.mu);
   StoreStats s = d.stats;
@@ -478,13 +480,13 @@ StoreStats Store::Stats() const {
   return s;
 }
 
-Status Store::Flush() { return impl_->Flush(); }
+Status EmbeddedStore::Flush() { return impl_->Flush(); }
 
-Status Store::PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses) {
+Status EmbeddedStore::PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses) {
   return impl_->PutBatch(writes, statuses);
 }
 
-Status Store::GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) {
+Status EmbeddedStore::GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) {
   return impl_->GetBatch(reads, statuses);
 }
 
@@ -498,61 +500,66 @@ void RunAsync(WorkerPool& workers, Op op, Store::Completion done) {
   workers.Submit([op = std::move(op), done = std::move(done)]() mutable { done(op()); });
 }
 
-template <typename Op>
-std::future<Status> RunAsyncFuture(WorkerPool& workers, Op op) {
-  auto promise = std::make_shared<std::promise<Status>>();
-  std::future<Status> future = promise->get_future();
-  workers.Submit(
-      [op = std::move(op), promise = std::move(promise)]() mutable { promise->set_value(op()); });
-  return future;
-}
-
 }  // namespace
 
-void Store::PutAsync(const BlockKey& key, const void* data, uint64_t bytes, Completion done) {
+void EmbeddedStore::PutAsync(const BlockKey& key, const void* data, uint64_t bytes,
+                             Completion done) {
   RunAsync(
       *impl_->workers, [this, key, data, bytes] { return Put(key, data, bytes); }, std::move(done));
 }
 
-std::future<Status> Store::PutAsync(const BlockKey& key, const void* data, uint64_t bytes) {
-  return RunAsyncFuture(*impl_->workers,
-                        [this, key, data, bytes] { return Put(key, data, bytes); });
-}
-
-void Store::GetAsync(const BlockKey& key, void* data, uint64_t bytes, Completion done) {
+void EmbeddedStore::GetAsync(const BlockKey& key, void* data, uint64_t bytes, Completion done) {
   RunAsync(
       *impl_->workers, [this, key, data, bytes] { return Get(key, data, bytes); }, std::move(done));
 }
 
-std::future<Status> Store::GetAsync(const BlockKey& key, void* data, uint64_t bytes) {
-  return RunAsyncFuture(*impl_->workers,
-                        [this, key, data, bytes] { return Get(key, data, bytes); });
-}
-
-void Store::PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses,
-                          Completion done) {
+void EmbeddedStore::PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses,
+                                  Completion done) {
   RunAsync(
       *impl_->workers, [this, writes, statuses] { return PutBatch(writes, statuses); },
       std::move(done));
 }
 
-std::future<Status> Store::PutBatchAsync(std::span<const BlockWrite> writes,
-                                         std::span<Status> statuses) {
-  return RunAsyncFuture(*impl_->workers,
-                        [this, writes, statuses] { return PutBatch(writes, statuses); });
-}
-
-void Store::GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses,
-                          Completion done) {
+void EmbeddedStore::GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses,
+                                  Completion done) {
   RunAsync(
       *impl_->workers, [this, reads, statuses] { return GetBatch(reads, statuses); },
       std::move(done));
 }
 
+// --- Store: what every implementation shares ------------------------------------------
+
+Store::~Store() = default;
+
+namespace {
+
+// The future form of an asynchronous call: the callback form, fulfilling a promise.
+template <typename Call>
+std::future<Status> ToFuture(Call call) {
+  auto promise = std::make_shared<std::promise<Status>>();
+  std::future<Status> future = promise->get_future();
+  call([promise](Status status) { promise->set_value(std::move(status)); });
+  return future;
+}
+
+}  // namespace
+
+std::future<Status> Store::PutAsync(const BlockKey& key, const void* data, uint64_t bytes) {
+  return ToFuture([&](Completion done) { PutAsync(key, data, bytes, std::move(done)); });
+}
+
+std::future<Status> Store::GetAsync(const BlockKey& key, void* data, uint64_t bytes) {
+  return ToFuture([&](Completion done) { GetAsync(key, data, bytes, std::move(done)); });
+}
+
+std::future<Status> Store::PutBatchAsync(std::span<const BlockWrite> writes,
+                                         std::span<Status> statuses) {
+  return ToFuture([&](Completion done) { PutBatchAsync(writes, statuses, std::move(done)); });
+}
+
 std::future<Status> Store::GetBatchAsync(std::span<const BlockRead> reads,
                                          std::span<Status> statuses) {
-  return RunAsyncFuture(*impl_->workers,
-                        [this, reads, statuses] { return GetBatch(reads, statuses); });
+  return ToFuture([&](Completion done) { GetBatchAsync(reads, statuses, std::move(done)); });
 }
 
 }  // namespace kvtier

@@ -1,4 +1,4 @@
-// Store::Impl's GPU tier: the BlockSource the DeviceCache pulls blocks through (host
+// EmbeddedStore::Impl's GPU tier: the BlockSource the DeviceCache pulls blocks through (host
 // slots, promoted from disk when needed), and Store::Acquire / Release with prefetch.
 #include <chrono>
 #include <string>
@@ -10,8 +10,8 @@ namespace kvtier {
 
 // Pins each block in a host slot (promoting it from disk first when it is only there):
 // all or nothing.
-Status Store::Impl::StoreBlockSource::PinHost(std::span<const BlockKey> keys,
-                                              std::span<HostBlockRef> blocks) {
+Status EmbeddedStore::Impl::StoreBlockSource::PinHost(std::span<const BlockKey> keys,
+                                                      std::span<HostBlockRef> blocks) {
   Impl& s = *impl;
   constexpr size_t kInline = 64;
   ReadPlan inline_plans[kInline];
@@ -51,14 +51,14 @@ Status Store::Impl::StoreBlockSource::PinHost(std::span<const BlockKey> keys,
   return Status::OK();
 }
 
-void Store::Impl::StoreBlockSource::UnpinHost(std::span<const BlockKey>,
-                                              std::span<const HostBlockRef> blocks) {
+void EmbeddedStore::Impl::StoreBlockSource::UnpinHost(std::span<const BlockKey>,
+                                                      std::span<const HostBlockRef> blocks) {
   MutexLock lock(&impl->mu);
   for (const HostBlockRef& b : blocks) impl->pool->Unpin(static_cast<SlotId>(b.handle));
   impl->slot_cv.notify_all();
 }
 
-Status Store::Impl::OpenDevice() {
+Status EmbeddedStore::Impl::OpenDevice() {
   const RetrievalOptions& r = options.retrieval;
   if (!r.enabled || r.device_capacity_bytes == 0) return Status::OK();
   DeviceCacheOptions o;
@@ -74,21 +74,21 @@ Status Store::Impl::OpenDevice() {
   return Status::OK();
 }
 
-void Store::Impl::NoteAcquired(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
-                               std::span<const int64_t> blocks) {
+void EmbeddedStore::Impl::NoteAcquired(uint32_t namespace_id, const SequenceId& sequence,
+                                       uint32_t layer, std::span<const int64_t> blocks) {
   MutexLock lock(&history_mu);
   LayerHistory& h = history[LayerKey{namespace_id, sequence, layer}];
   h.acquired.assign(blocks.begin(), blocks.end());
 }
 
-void Store::Impl::NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
-                                std::span<const int64_t> blocks) {
+void EmbeddedStore::Impl::NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence,
+                                        uint32_t layer, std::span<const int64_t> blocks) {
   MutexLock lock(&history_mu);
   LayerHistory& h = history[LayerKey{namespace_id, sequence, layer}];
   h.runners_up.assign(blocks.begin(), blocks.end());
 }
 
-void Store::Impl::ForgetHistory(uint32_t namespace_id, const SequenceId& sequence) {
+void EmbeddedStore::Impl::ForgetHistory(uint32_t namespace_id, const SequenceId& sequence) {
   MutexLock lock(&history_mu);
   for (uint32_t layer = 0; layer < layout.num_layers; ++layer) {
     history.erase(LayerKey{namespace_id, sequence, layer});
@@ -101,8 +101,8 @@ void Store::Impl::ForgetHistory(uint32_t namespace_id, const SequenceId& sequenc
 // last step (in case it was evicted since); for layer l, its Select's runners-up (the
 // likely newcomers at the next step as the queries drift). The cache skips blocks that
 // are resident or on their way and drops what does not fit without stalling.
-void Store::Impl::PrefetchAfterAcquire(uint32_t namespace_id, const SequenceId& sequence,
-                                       uint32_t layer) {
+void EmbeddedStore::Impl::PrefetchAfterAcquire(uint32_t namespace_id, const SequenceId& sequence,
+                                               uint32_t layer) {
   MutexLock lock(&history_mu);
   auto it = history.find(LayerKey{namespace_id, sequence, layer});
   if (it == history.end()) return;
@@ -126,10 +126,11 @@ void Store::Impl::PrefetchAfterAcquire(uint32_t namespace_id, const SequenceId& 
 
 namespace kvtier {
 
-Result<AcquireInfo> Store::Acquire(uint32_t namespace_id, const SequenceId& sequence,
-                                   uint32_t layer, std::span<const int64_t> blocks,
-                                   CUstream_st* stream, std::span<uint64_t> device_addresses,
-                                   std::span<const float> scores) {
+Result<AcquireInfo> EmbeddedStore::Acquire(uint32_t namespace_id, const SequenceId& sequence,
+                                           uint32_t layer, std::span<const int64_t> blocks,
+                                           CUstream_st* stream,
+                                           std::span<uint64_t> device_addresses,
+                                           std::span<const float> scores) {
   Impl& s = *impl_;
   if (!s.options.retrieval.enabled || s.device == nullptr) {
     return Status::FailedPrecondition(
@@ -154,7 +155,7 @@ Result<AcquireInfo> Store::Acquire(uint32_t namespace_id, const SequenceId& sequ
   return info;
 }
 
-Status Store::Release(uint64_t lease) {
+Status EmbeddedStore::Release(uint64_t lease) {
   if (impl_->device == nullptr) {
     return Status::FailedPrecondition("Release: the store has no GPU tier");
   }

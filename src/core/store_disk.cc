@@ -45,9 +45,9 @@ class Latch {
 
 }  // namespace
 
-uint64_t Store::Impl::Checksum(const void* data) const { return XXH3_64bits(data, block_bytes); }
+uint64_t EmbeddedStore::Impl::Checksum(const void* data) const { return XXH3_64bits(data, block_bytes); }
 
-Status Store::Impl::OpenDisk() {
+Status EmbeddedStore::Impl::OpenDisk() {
   const std::string& dir = options.directory;
   KVTIER_RETURN_IF_ERROR(env->CreateDirs(dir));
   KVTIER_ASSIGN_OR_RETURN(lock_file, env->LockFile(dir + "/LOCK"));
@@ -125,7 +125,7 @@ Status Store::Impl::OpenDisk() {
   return Status::OK();
 }
 
-Status Store::Impl::RecoverLocked() {
+Status EmbeddedStore::Impl::RecoverLocked() {
   uint64_t orphans = 0;
   Status s = catalog->ForEachBlock([&](const BlockKey& key, const DiskLocation& loc) {
     auto [e, created] = index.Insert(key);
@@ -159,7 +159,7 @@ Status Store::Impl::RecoverLocked() {
   return Status::OK();
 }
 
-void Store::Impl::CloseDisk() {
+void EmbeddedStore::Impl::CloseDisk() {
   if (!has_disk) return;
   Status s = Flush();
   if (!s.ok()) {
@@ -178,14 +178,14 @@ void Store::Impl::CloseDisk() {
   lock_file.reset();
 }
 
-void Store::Impl::EnqueueWriteLocked(const BlockKey& key, uint64_t version, SlotId slot) {
+void EmbeddedStore::Impl::EnqueueWriteLocked(const BlockKey& key, uint64_t version, SlotId slot) {
   pool->Pin(slot);
   ++writeback_pins;
   write_queue.push_back(WriteItem{.key = key, .version = version, .slot = slot});
   bg_cv.notify_one();
 }
 
-void Store::Impl::QueueDeletesLocked(std::vector<Catalog::Update> deletes,
+void EmbeddedStore::Impl::QueueDeletesLocked(std::vector<Catalog::Update> deletes,
                                      std::vector<Extent> frees) {
   catalog_jobs.push_back(
       CatalogJob{.deletes = std::move(deletes), .frees_after = std::move(frees)});
@@ -193,7 +193,7 @@ void Store::Impl::QueueDeletesLocked(std::vector<Catalog::Update> deletes,
   bg_cv.notify_one();
 }
 
-void Store::Impl::QueueSummaryWriteLocked(const BlockKey& key, uint64_t version,
+void EmbeddedStore::Impl::QueueSummaryWriteLocked(const BlockKey& key, uint64_t version,
                                           std::vector<std::byte> bytes) {
   catalog_jobs.push_back(CatalogJob{
       .summary = SummaryWrite{.key = key, .version = version, .bytes = std::move(bytes)}});
@@ -201,7 +201,7 @@ void Store::Impl::QueueSummaryWriteLocked(const BlockKey& key, uint64_t version,
   bg_cv.notify_one();
 }
 
-void Store::Impl::FreeExtentLocked(const Extent& extent) {
+void EmbeddedStore::Impl::FreeExtentLocked(const Extent& extent) {
   const uint64_t k = ExtentKey(extent.file, extent.offset);
   if (extent_readers.contains(k)) {
     deferred_frees[k] = extent;  // freed when the last read of it completes
@@ -218,7 +218,7 @@ void Store::Impl::FreeExtentLocked(const Extent& extent) {
   }
 }
 
-void Store::Impl::RetryFailedWritesLocked(uint64_t max_version, bool only_no_space) {
+void EmbeddedStore::Impl::RetryFailedWritesLocked(uint64_t max_version, bool only_no_space) {
   for (auto it = failed_writes.begin(); it != failed_writes.end() && it->first <= max_version;) {
     const auto& [key, status] = it->second;
     const BlockIndex::Entry* e = index.Find(key);
@@ -232,7 +232,7 @@ void Store::Impl::RetryFailedWritesLocked(uint64_t max_version, bool only_no_spa
   }
 }
 
-void Store::Impl::QueueDirtyLruLocked(uint32_t max_blocks) {
+void EmbeddedStore::Impl::QueueDirtyLruLocked(uint32_t max_blocks) {
   for (uint32_t i = 0; i < max_blocks; ++i) {
     std::optional<SlotId> slot = pool->DirtyLruOldest();
     if (!slot) return;
@@ -240,11 +240,11 @@ void Store::Impl::QueueDirtyLruLocked(uint32_t max_blocks) {
   }
 }
 
-void Store::Impl::ReadPinLocked(const DiskLocation& loc) {
+void EmbeddedStore::Impl::ReadPinLocked(const DiskLocation& loc) {
   ++extent_readers[ExtentKey(loc.file, loc.offset)];
 }
 
-void Store::Impl::ReadUnpinLocked(const DiskLocation& loc) {
+void EmbeddedStore::Impl::ReadUnpinLocked(const DiskLocation& loc) {
   const uint64_t k = ExtentKey(loc.file, loc.offset);
   auto it = extent_readers.find(k);
   if (--it->second > 0) return;
@@ -256,7 +256,7 @@ void Store::Impl::ReadUnpinLocked(const DiskLocation& loc) {
   }
 }
 
-void Store::Impl::Promote(std::span<ReadPlan> plans, std::span<const BlockKey> keys) {
+void EmbeddedStore::Impl::Promote(std::span<ReadPlan> plans, std::span<const BlockKey> keys) {
   int count = 0;
   for (const ReadPlan& p : plans) count += p.promote ? 1 : 0;
   Latch latch(count);
@@ -319,7 +319,7 @@ void Store::Impl::Promote(std::span<ReadPlan> plans, std::span<const BlockKey> k
   }
 }
 
-void Store::Impl::BackgroundLoop() {
+void EmbeddedStore::Impl::BackgroundLoop() {
   MutexLock lock(&mu);
   auto release = [this](const WriteItem& item) KVTIER_REQUIRES(mu) {
     --writeback_pins;
@@ -520,7 +520,7 @@ void Store::Impl::BackgroundLoop() {
   }
 }
 
-Status Store::Impl::Flush() {
+Status EmbeddedStore::Impl::Flush() {
   if (!has_disk) return Status::OK();
   MutexLock lock(&mu);
   const uint64_t target_version = next_version - 1;

@@ -1,4 +1,4 @@
-// Store::Impl: the state behind kvtier::Store and its locking rules. Split across
+// EmbeddedStore::Impl: the state behind kvtier::Store and its locking rules. Split across
 // store.cc (open, the host tier, the public calls) and store_disk.cc (the disk tier:
 // write-back, the catalog, promotion, recovery).
 //
@@ -43,6 +43,7 @@
 
 #include "kernels/host_device.h"
 #include "kvtier/store.h"
+#include "src/core/embedded_store.h"
 #include "src/core/block_index.h"
 #include "src/core/device_cache.h"
 #include "src/core/store_retrieval.h"
@@ -56,7 +57,7 @@
 
 namespace kvtier {
 
-struct Store::Impl {
+struct EmbeddedStore::Impl {
   Impl(const StoreOptions& o, const ModelLayout& l, std::unique_ptr<HostPool> p, Env* e)
       : options(o), layout(l), block_bytes(l.BytesPerBlock()), env(e), pool(std::move(p)) {}
 

@@ -10,14 +10,15 @@
 
 namespace kvtier {
 
-Store::Impl::PinnedScratch::~PinnedScratch() {
+EmbeddedStore::Impl::PinnedScratch::~PinnedScratch() {
   if (data != nullptr) (void)cuda::HostFree(data);
 }
 
-Status Store::Impl::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
-                                      const void* k_base, const void* v_base,
-                                      std::span<const int32_t> page_table, StreamHandle stream,
-                                      std::span<Status> statuses) {
+Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
+                                              const PagedCacheDesc& cache, const void* k_base,
+                                              const void* v_base,
+                                              std::span<const int32_t> page_table,
+                                              StreamHandle stream, std::span<Status> statuses) {
   if (statuses.size() != keys.size()) {
     return Status::InvalidArgument("PutFromPagedCache: " + std::to_string(statuses.size()) +
                                    " statuses for " + std::to_string(keys.size()) + " blocks");
@@ -140,10 +141,10 @@ Status Store::Impl::PutFromPagedCache(std::span<const BlockKey> keys, const Page
   return gathered.WithContext("PutFromPagedCache");
 }
 
-Status Store::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
-                                const void* k_base, const void* v_base,
-                                std::span<const int32_t> page_table, CUstream_st* stream,
-                                std::span<Status> statuses) {
+Status EmbeddedStore::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                                        const void* k_base, const void* v_base,
+                                        std::span<const int32_t> page_table, CUstream_st* stream,
+                                        std::span<Status> statuses) {
   return impl_->PutFromPagedCache(keys, cache, k_base, v_base, page_table, stream, statuses);
 }
 

@@ -329,15 +329,16 @@ void RetrievalIndexes::AddStats(StoreStats* stats) const {
 
 // --- The Store's side ------------------------------------------------------------------
 
-Status Store::Impl::PrepareSummary(const void* block, uint32_t valid_tokens,
-                                   std::span<const float> token_scores, PreparedSummary* out) {
+Status EmbeddedStore::Impl::PrepareSummary(const void* block, uint32_t valid_tokens,
+                                           std::span<const float> token_scores,
+                                           PreparedSummary* out) {
   KVTIER_RETURN_IF_ERROR(
       SummarizeBlock(retrieval->shape(), block, valid_tokens, token_scores, &out->summary));
   if (has_disk) out->encoded = EncodeSummary(retrieval->shape(), out->summary);
   return Status::OK();
 }
 
-Status Store::Impl::RebuildRetrievalLocked() {
+Status EmbeddedStore::Impl::RebuildRetrievalLocked() {
   uint64_t indexed = 0, undecodable = 0, stray = 0;
   BlockSummary summary;
   Status s = catalog->ForEachRepresentatives(
@@ -383,8 +384,8 @@ Status Store::Impl::RebuildRetrievalLocked() {
   return Status::OK();
 }
 
-Status Store::IndexBlock(const BlockKey& key, const void* data, uint64_t bytes,
-                         uint32_t valid_tokens, std::span<const float> token_scores) {
+Status EmbeddedStore::IndexBlock(const BlockKey& key, const void* data, uint64_t bytes,
+                                 uint32_t valid_tokens, std::span<const float> token_scores) {
   Impl& d = *impl_;
   if (d.retrieval == nullptr) {
     return Status::FailedPrecondition("IndexBlock: retrieval is not enabled in this store");
@@ -425,9 +426,10 @@ Status Store::IndexBlock(const BlockKey& key, const void* data, uint64_t bytes,
   return Status::OK();
 }
 
-Result<SelectInfo> Store::Select(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
-                                 std::span<const float> queries, uint64_t context_tokens,
-                                 std::span<int64_t> selected, std::span<float> scores) {
+Result<SelectInfo> EmbeddedStore::Select(uint32_t namespace_id, const SequenceId& sequence,
+                                         uint32_t layer, std::span<const float> queries,
+                                         uint64_t context_tokens, std::span<int64_t> selected,
+                                         std::span<float> scores) {
   if (impl_->retrieval == nullptr) {
     return Status::FailedPrecondition("Select: retrieval is not enabled in this store");
   }

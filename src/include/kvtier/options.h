@@ -29,7 +29,53 @@ enum class SyncPolicy : uint8_t {
   kDsync = 1,             // O_DSYNC: every write is durable when it completes
 };
 
+// Where a sidecar client finds kvtierd (kvtier/client.h). Set `socket` or `tcp_address`
+// and Store::Open returns a client of that daemon instead of an embedded store; every
+// other StoreOptions field is then the daemon's business (its own config file) and is
+// ignored, except `retrieval`, whose selection fields (top_k, n_init, n_local, ...) a
+// Select through the daemon must agree with.
+struct SidecarOptions {
+  // Path of kvtierd's Unix socket (same host: block bytes move through shared memory).
+  // Default: "" (none).
+  std::string socket;
+  // "host:port" of kvtierd's TCP listener, used when `socket` is empty (block bytes go
+  // inline in the frames). Default: "" (none).
+  std::string tcp_address;
+  // The token the daemon's config gives this client; required over TCP, optional over
+  // the Unix socket (where the peer's uid/gid identify it). Default: "".
+  std::string token;
+  // The namespace this client works in: every key it passes must carry this
+  // namespace_id, and the daemon must allow this client in it. Default: 0.
+  uint32_t namespace_id = 0;
+  // How long Open waits for the daemon (connect and handshake). Default: 5000 ms.
+  uint32_t connect_timeout_ms = 5000;
+  // After the connection is lost, the client reconnects with exponential backoff from
+  // 10 ms up to this; calls made meanwhile fail with Unavailable. Default: 1000 ms.
+  uint32_t max_backoff_ms = 1000;
+  // Blocks of the shared-memory staging area the daemon gives a Unix-socket client
+  // (how many block transfers it may have in flight at once). Default: 64.
+  uint32_t staging_blocks = 64;
+};
+
+// A namespace's limits, in bytes (0: no limit). Blocks of namespaces without an entry
+// are not limited.
+struct NamespaceQuota {
+  uint32_t namespace_id = 0;
+  // Its blocks resident in the host tier, one slot (block size rounded up to 4 KiB)
+  // each. A Put or a promotion that would pass it first evicts the namespace's own least
+  // recently used clean block; with none to evict, it fails with QuotaExceeded.
+  uint64_t host_bytes = 0;
+  // Its blocks in the store, one disk extent (block size rounded up to 4 KiB) each:
+  // every block is bound for the disk tier. A Put of a new key that would pass it fails
+  // with QuotaExceeded (replacing one of its blocks always succeeds).
+  uint64_t disk_bytes = 0;
+};
+
 struct StoreOptions {
+  // A client of the kvtierd sidecar instead of an embedded store (see SidecarOptions).
+  // Default: none (embedded).
+  SidecarOptions sidecar;
+
   // Where the store keeps its disk tier: the catalog (RocksDB), the slab files (unless
   // `disk_paths` says otherwise) and a lock file. Created when missing; an existing
   // store is reopened (its layout must match). Empty: a memory-only store, the host
@@ -91,6 +137,9 @@ struct StoreOptions {
 
   // Decode-time retrieval and the GPU tier (kvtier/retrieval.h). Default: off.
   RetrievalOptions retrieval;
+
+  // Per-namespace quotas (at most one entry per namespace). Default: none.
+  std::vector<NamespaceQuota> quotas;
 };
 
 }  // namespace kvtier

@@ -34,6 +34,9 @@ enum class StatusCode : int {
   kNotSupported = 9,        // not available in this build or on this machine
   kInternal = 10,           // a bug in kvtier; please report it
   kCancelled = 11,          // the operation was abandoned (shutdown)
+  kPermissionDenied = 12,   // the caller may not do this (namespace, token, peer)
+  kUnavailable = 13,        // the sidecar cannot be reached now (the client reconnects)
+  kQuotaExceeded = 14,      // the namespace is at its host or disk quota
 };
 
 // "OK", "InvalidArgument", ...; "Unknown" for a value outside the enum.
@@ -67,6 +70,13 @@ class [[nodiscard]] Status {
   }
   static Status Internal(std::string_view msg) { return Status(StatusCode::kInternal, msg); }
   static Status Cancelled(std::string_view msg) { return Status(StatusCode::kCancelled, msg); }
+  static Status PermissionDenied(std::string_view msg) {
+    return Status(StatusCode::kPermissionDenied, msg);
+  }
+  static Status Unavailable(std::string_view msg) { return Status(StatusCode::kUnavailable, msg); }
+  static Status QuotaExceeded(std::string_view msg) {
+    return Status(StatusCode::kQuotaExceeded, msg);
+  }
   // An IOError from an errno value: "<context>: <strerror(errnum)>".
   static Status FromErrno(int errnum, std::string_view context);
 

@@ -1,4 +1,7 @@
-// Store: kvtier's embedded KV-cache block store, the one object an engine talks to.
+// Store: kvtier's KV-cache block store, the one object an engine talks to. It is either
+// embedded in the engine's process or a client of the kvtierd sidecar that serves one
+// store to every engine process on a host (StoreOptions::sidecar); both implement this
+// interface with the same semantics, so switching is a matter of configuration.
 //
 // An engine Puts blocks (one layer's K and V for block_tokens tokens, see layout.h)
 // under a BlockKey and Gets them back into its own buffers. Blocks live in tiers: the
@@ -147,50 +150,54 @@ class Store {
   // Runs once with the operation's outcome, on an internal thread.
   using Completion = std::function<void(Status)>;
 
-  // Validates `layout` and `options`, allocates the host tier and starts the async
-  // threads. Errors: InvalidArgument for a bad layout or options (zero or absurd
-  // capacity), ResourceExhausted when the memory cannot be had.
+  // Opens the store `options` describe: an embedded store in this process, or, when
+  // options.sidecar names a kvtierd (a Unix socket or a TCP address), a client of that
+  // daemon, which serves the same operations (kvtier/client.h). Errors: InvalidArgument
+  // for a bad layout or options (zero or absurd capacity), ResourceExhausted when the
+  // memory cannot be had; for a sidecar, Unavailable when the daemon cannot be reached
+  // and the errors of its handshake (a layout mismatch, a refused namespace or token).
   static Result<std::unique_ptr<Store>> Open(const StoreOptions& options,
                                              const ModelLayout& layout);
 
   Store(const Store&) = delete;
   Store& operator=(const Store&) = delete;
-  ~Store();
+  virtual ~Store();
 
-  const ModelLayout& layout() const;
-  const StoreOptions& options() const;
+  virtual const ModelLayout& layout() const = 0;
+  virtual const StoreOptions& options() const = 0;
   // Bytes of every block: layout().BytesPerBlock().
-  uint64_t block_bytes() const;
+  virtual uint64_t block_bytes() const = 0;
 
   // Stores a copy of `bytes` bytes at `data` under `key` (replacing any block there).
   // Errors: InvalidArgument (null data, bytes != block_bytes(), a layer outside the
   // layout), Busy (every host slot is in use by other operations, or the disk cannot
   // keep up and wait_when_full is false; retry), ResourceExhausted (the disk tier is
-  // full and the host tier holds nothing it can evict).
-  Status Put(const BlockKey& key, const void* data, uint64_t bytes);
+  // full and the host tier holds nothing it can evict), QuotaExceeded (the key's
+  // namespace is at its quota).
+  virtual Status Put(const BlockKey& key, const void* data, uint64_t bytes) = 0;
 
   // Copies the block stored under `key` into `data` (which holds `bytes` bytes).
   // Errors: NotFound (never stored, deleted, or evicted and lost), InvalidArgument,
   // Corruption (the copy on disk failed its checksum: the block is quarantined),
   // IOError (the disk read failed).
-  Status Get(const BlockKey& key, void* data, uint64_t bytes);
+  virtual Status Get(const BlockKey& key, void* data, uint64_t bytes) = 0;
 
   // Whether a Get of `key` would find the block now.
-  bool Contains(const BlockKey& key) const;
+  virtual bool Contains(const BlockKey& key) const = 0;
 
   // Removes the block (from every tier). NotFound when there is none.
-  Status Delete(const BlockKey& key);
+  virtual Status Delete(const BlockKey& key) = 0;
 
   // Removes every block of the sequence, all layers; returns how many there were
   // (zero is not an error).
-  Result<uint64_t> DropSequence(uint32_t namespace_id, const SequenceId& sequence);
+  virtual Result<uint64_t> DropSequence(uint32_t namespace_id, const SequenceId& sequence) = 0;
 
-  StoreStats Stats() const;
+  virtual StoreStats Stats() const = 0;
 
   // Makes every Put, Delete and DropSequence that returned before this call durable.
   // Nothing to do for a memory-only store. Errors: the first failure to write one of
   // those blocks (it stays in the host tier, dirty; a later Flush tries again).
-  Status Flush();
+  virtual Status Flush() = 0;
 
   // Puts keys.size() blocks straight from an engine's paged KV cache for one layer
   // (kvtier/paged_cache.h): block i is made of the page-table entries
@@ -202,29 +209,30 @@ class Store {
   // no staging copy, and the call returns once it has run. Without a GPU the cache is
   // host memory (the emulated device) and the CPU reference gathers; `stream` is
   // ignored. statuses[i] gets member i's outcome, as in PutBatch.
-  Status PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
-                           const void* k_base, const void* v_base,
-                           std::span<const int32_t> page_table, CUstream_st* stream,
-                           std::span<Status> statuses);
+  virtual Status PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                                   const void* k_base, const void* v_base,
+                                   std::span<const int32_t> page_table, CUstream_st* stream,
+                                   std::span<Status> statuses) = 0;
 
   // Batches: statuses.size() must equal the batch size (else InvalidArgument and
   // nothing is done); statuses[i] receives the outcome of member i. Returns OK when
   // every member succeeded, otherwise the first failure. A batch is cheaper than its
   // members one by one (one lock round trip for the batch), not atomic as a whole.
-  Status PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses);
-  Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses);
+  virtual Status PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses) = 0;
+  virtual Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) = 0;
 
   // Asynchronous forms: return at once, do the work on an internal thread, then run
   // `done` (or fulfil the future) with what the synchronous form would have returned.
   // The buffers, and for batches the spans, must stay valid until then.
-  void PutAsync(const BlockKey& key, const void* data, uint64_t bytes, Completion done);
+  virtual void PutAsync(const BlockKey& key, const void* data, uint64_t bytes, Completion done) = 0;
   std::future<Status> PutAsync(const BlockKey& key, const void* data, uint64_t bytes);
-  void GetAsync(const BlockKey& key, void* data, uint64_t bytes, Completion done);
+  virtual void GetAsync(const BlockKey& key, void* data, uint64_t bytes, Completion done) = 0;
   std::future<Status> GetAsync(const BlockKey& key, void* data, uint64_t bytes);
-  void PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses,
-                     Completion done);
+  virtual void PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses,
+                             Completion done) = 0;
   std::future<Status> PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses);
-  void GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses, Completion done);
+  virtual void GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses,
+                             Completion done) = 0;
   std::future<Status> GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses);
 
   // --- Retrieval (kvtier/retrieval.h). FailedPrecondition unless options().retrieval
@@ -235,8 +243,8 @@ class Store {
   // filled block: only its first valid_tokens tokens count). `data` holds the block
   // (block_bytes() bytes: the caller has it, the store does not read it back).
   // NotFound when no block is stored under `key`.
-  Status IndexBlock(const BlockKey& key, const void* data, uint64_t bytes, uint32_t valid_tokens,
-                    std::span<const float> token_scores);
+  virtual Status IndexBlock(const BlockKey& key, const void* data, uint64_t bytes,
+                            uint32_t valid_tokens, std::span<const float> token_scores) = 0;
 
   // Chooses the blocks of (namespace, sequence, layer) that the queries of one decoding
   // step need: `queries` float32 [num_query_heads][head_dim], post-rotary as attention
@@ -246,9 +254,10 @@ class Store {
   // score of each (kvtier/retrieval.h). Only indexed blocks can be selected; a sequence
   // with none selects nothing (not an error). Allocates nothing once the sequence's
   // index has grown to its size.
-  Result<SelectInfo> Select(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
-                            std::span<const float> queries, uint64_t context_tokens,
-                            std::span<int64_t> selected, std::span<float> scores = {});
+  virtual Result<SelectInfo> Select(uint32_t namespace_id, const SequenceId& sequence,
+                                    uint32_t layer, std::span<const float> queries,
+                                    uint64_t context_tokens, std::span<int64_t> selected,
+                                    std::span<float> scores = {}) = 0;
 
   // Makes the blocks (indices of (namespace, sequence, layer); -1 entries are skipped and
   // get address 0) resident in the GPU tier and writes their device addresses to
@@ -260,18 +269,16 @@ class Store {
   // the score-decay replacement policy. Errors: FailedPrecondition without a GPU tier,
   // NotFound when a block is stored nowhere (nothing stays pinned), ResourceExhausted
   // when the blocks pinned by leases fill the tier.
-  Result<AcquireInfo> Acquire(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
-                              std::span<const int64_t> blocks, CUstream_st* stream,
-                              std::span<uint64_t> device_addresses,
-                              std::span<const float> scores = {});
+  virtual Result<AcquireInfo> Acquire(uint32_t namespace_id, const SequenceId& sequence,
+                                      uint32_t layer, std::span<const int64_t> blocks,
+                                      CUstream_st* stream, std::span<uint64_t> device_addresses,
+                                      std::span<const float> scores = {}) = 0;
   // Unpins the blocks of a lease once the work queued on the Acquire's stream so far has
   // run. InvalidArgument for an unknown lease.
-  Status Release(uint64_t lease);
+  virtual Status Release(uint64_t lease) = 0;
 
- private:
-  struct Impl;
-  explicit Store(std::unique_ptr<Impl> impl);
-  std::unique_ptr<Impl> impl_;
+ protected:
+  Store() = default;
 };
 
 }  // namespace kvtier

@@ -1,0 +1,78 @@
+// EmbeddedStore: the Store that runs inside the caller's process (kvtier/store.h). Its
+// state and locking rules are EmbeddedStore::Impl (store_impl.h); Store::Open makes one
+// unless the options name a sidecar.
+#ifndef KVTIER_CORE_EMBEDDED_STORE_H_
+#define KVTIER_CORE_EMBEDDED_STORE_H_
+
+#include <memory>
+
+#include "kvtier/store.h"
+
+namespace kvtier {
+
+// What one namespace holds (for quotas and the sidecar's metrics).
+struct NamespaceUsage {
+  uint64_t blocks = 0;            // blocks in the store (what its disk quota counts)
+  uint64_t host_blocks = 0;       // of those, resident in the host tier
+  uint64_t quota_rejections = 0;  // operations refused with QuotaExceeded
+  uint64_t quota_evictions = 0;   // its blocks evicted to stay within its host quota
+};
+
+class EmbeddedStore final : public Store {
+ public:
+  // Validates `layout` and `options` (options.sidecar is ignored), allocates the host
+  // tier, opens the disk tier and starts the async threads.
+  static Result<std::unique_ptr<EmbeddedStore>> Open(const StoreOptions& options,
+                                                     const ModelLayout& layout);
+  ~EmbeddedStore() override;
+
+  const ModelLayout& layout() const override;
+  const StoreOptions& options() const override;
+  uint64_t block_bytes() const override;
+  Status Put(const BlockKey& key, const void* data, uint64_t bytes) override;
+  Status Get(const BlockKey& key, void* data, uint64_t bytes) override;
+  bool Contains(const BlockKey& key) const override;
+  Status Delete(const BlockKey& key) override;
+  Result<uint64_t> DropSequence(uint32_t namespace_id, const SequenceId& sequence) override;
+  StoreStats Stats() const override;
+  Status Flush() override;
+  Status PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                           const void* k_base, const void* v_base,
+                           std::span<const int32_t> page_table, CUstream_st* stream,
+                           std::span<Status> statuses) override;
+  Status PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses) override;
+  Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) override;
+  using Store::GetAsync;
+  using Store::GetBatchAsync;
+  using Store::PutAsync;
+  using Store::PutBatchAsync;
+  void PutAsync(const BlockKey& key, const void* data, uint64_t bytes, Completion done) override;
+  void GetAsync(const BlockKey& key, void* data, uint64_t bytes, Completion done) override;
+  void PutBatchAsync(std::span<const BlockWrite> writes, std::span<Status> statuses,
+                     Completion done) override;
+  void GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses,
+                     Completion done) override;
+  Status IndexBlock(const BlockKey& key, const void* data, uint64_t bytes, uint32_t valid_tokens,
+                    std::span<const float> token_scores) override;
+  Result<SelectInfo> Select(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                            std::span<const float> queries, uint64_t context_tokens,
+                            std::span<int64_t> selected, std::span<float> scores = {}) override;
+  Result<AcquireInfo> Acquire(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                              std::span<const int64_t> blocks, CUstream_st* stream,
+                              std::span<uint64_t> device_addresses,
+                              std::span<const float> scores = {}) override;
+  Status Release(uint64_t lease) override;
+
+  // What `namespace_id` holds now (zeros for an unknown namespace).
+  NamespaceUsage Usage(uint32_t namespace_id) const;
+
+  struct Impl;
+
+ private:
+  explicit EmbeddedStore(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvtier
+
+#endif  // KVTIER_CORE_EMBEDDED_STORE_H_
