@@ -7,6 +7,8 @@ packages=(
   librocksdb-dev liburing-dev libfaiss-dev libopenblas-dev liblapack-dev
   libboost-dev libgtest-dev libgmock-dev libbenchmark-dev
   libspdlog-dev libfmt-dev libcli11-dev libtomlplusplus-dev libxxhash-dev
+  flatbuffers-compiler libflatbuffers-dev  # the kvtierd protocol (src/server/protocol)
+  clang-14 libclang-rt-14-dev  # the protocol's libFuzzer target
   fio  # the baseline of `kvtier-bench disk` (the bench skips it when missing)
   python3-matplotlib python3-numpy  # `kvtier plot` (tools/plot.py)
 )
