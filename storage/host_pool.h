@@ -50,15 +50,17 @@ class HostPool {
 
   // SlotTable's operations: see storage/slot_table.h.
   std::optional<SlotId> Allocate() { return table_.Allocate(); }
-  void Publish(SlotId slot, const BlockKey& key, bool dirty = false) {
-    table_.Publish(slot, key, dirty);
+  void Publish(SlotId slot, const BlockKey& key, bool dirty = false, uint32_t group = 0) {
+    table_.Publish(slot, key, dirty, group);
   }
   void MarkClean(SlotId slot) { table_.MarkClean(slot); }
   void Pin(SlotId slot) { table_.Pin(slot); }
   void Unpin(SlotId slot) { table_.Unpin(slot); }
   void Retire(SlotId slot) { table_.Retire(slot); }
-  std::optional<SlotId> LruVictim() const { return table_.LruVictim(); }
-  std::optional<SlotId> DirtyLruOldest() const { return table_.DirtyLruOldest(); }
+  std::optional<SlotId> LruVictim(uint32_t group = 0) const { return table_.LruVictim(group); }
+  std::optional<SlotId> DirtyLruOldest(uint32_t group = 0) const {
+    return table_.DirtyLruOldest(group);
+  }
   const BlockKey& KeyOf(SlotId slot) const { return table_.KeyOf(slot); }
   bool IsPublished(SlotId slot) const { return table_.IsPublished(slot); }
   bool IsDirty(SlotId slot) const { return table_.IsDirty(slot); }

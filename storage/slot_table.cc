@@ -36,10 +36,13 @@ std::optional<SlotId> SlotTable::Allocate() {
   return slot;
 }
 
-void SlotTable::Publish(SlotId slot, const BlockKey& key, bool dirty) {
+void SlotTable::Publish(SlotId slot, const BlockKey& key, bool dirty, uint32_t group) {
   Slot& s = At(slot);
   if (s.state != State::kUnpublished) Die("publish of a slot not freshly allocated", slot);
+  if (group == kNone) Die("group id out of range", slot);
+  if (group > groups_.size()) groups_.resize(group);
   s.key = key;
+  s.group = group;
   s.state = State::kPublished;
   s.dirty = dirty;
   ++published_;
@@ -105,48 +108,74 @@ void SlotTable::Retire(SlotId slot) {
   }
 }
 
-std::optional<SlotId> SlotTable::LruVictim() const {
-  if (lru_[0].tail == kNone) return std::nullopt;
-  return lru_[0].tail;
+std::optional<SlotId> SlotTable::TailOf(uint32_t group, int dirty) const {
+  if (group > groups_.size()) return std::nullopt;
+  const LruList& list = group == 0 ? lru_[dirty] : groups_[group - 1][dirty];
+  if (list.tail == kNone) return std::nullopt;
+  return list.tail;
 }
 
-std::optional<SlotId> SlotTable::DirtyLruOldest() const {
-  if (lru_[1].tail == kNone) return std::nullopt;
-  return lru_[1].tail;
+std::optional<SlotId> SlotTable::LruVictim(uint32_t group) const { return TailOf(group, 0); }
+
+std::optional<SlotId> SlotTable::DirtyLruOldest(uint32_t group) const { return TailOf(group, 1); }
+
+namespace {
+
+// Pushes `slot` at the head of `list`, linked through the members `prev` and `next`.
+template <typename Slots, typename List, typename Link>
+void PushFront(Slots& slots, List& list, uint32_t slot, Link prev, Link next, uint32_t none) {
+  auto& s = slots[slot];
+  s.*prev = none;
+  s.*next = list.head;
+  if (list.head != none) slots[list.head].*prev = slot;
+  list.head = slot;
+  if (list.tail == none) list.tail = slot;
+  ++list.size;
 }
+
+template <typename Slots, typename List, typename Link>
+void Remove(Slots& slots, List& list, uint32_t slot, Link prev, Link next, uint32_t none) {
+  auto& s = slots[slot];
+  if (s.*prev != none) {
+    slots[s.*prev].*next = s.*next;
+  } else {
+    list.head = s.*next;
+  }
+  if (s.*next != none) {
+    slots[s.*next].*prev = s.*prev;
+  } else {
+    list.tail = s.*prev;
+  }
+  s.*prev = s.*next = none;
+  --list.size;
+}
+
+}  // namespace
 
 void SlotTable::LruPushFront(SlotId slot) {
   Slot& s = slots_[slot];
-  LruList& list = lru_[s.dirty ? 1 : 0];
-  s.lru_prev = kNone;
-  s.lru_next = list.head;
-  if (list.head != kNone) slots_[list.head].lru_prev = slot;
-  list.head = slot;
-  if (list.tail == kNone) list.tail = slot;
-  ++list.size;
+  const int dirty = s.dirty ? 1 : 0;
+  PushFront(slots_, lru_[dirty], slot, &Slot::lru_prev, &Slot::lru_next, kNone);
+  if (s.group != 0) {
+    PushFront(slots_, groups_[s.group - 1][dirty], slot, &Slot::group_prev, &Slot::group_next,
+              kNone);
+  }
 }
 
 void SlotTable::LruRemove(SlotId slot) {
   Slot& s = slots_[slot];
-  LruList& list = lru_[s.dirty ? 1 : 0];
-  if (s.lru_prev != kNone) {
-    slots_[s.lru_prev].lru_next = s.lru_next;
-  } else {
-    list.head = s.lru_next;
+  const int dirty = s.dirty ? 1 : 0;
+  Remove(slots_, lru_[dirty], slot, &Slot::lru_prev, &Slot::lru_next, kNone);
+  if (s.group != 0) {
+    Remove(slots_, groups_[s.group - 1][dirty], slot, &Slot::group_prev, &Slot::group_next, kNone);
   }
-  if (s.lru_next != kNone) {
-    slots_[s.lru_next].lru_prev = s.lru_prev;
-  } else {
-    list.tail = s.lru_prev;
-  }
-  s.lru_prev = s.lru_next = kNone;
-  --list.size;
 }
 
 void SlotTable::FreeSlot(SlotId slot) {
   Slot& s = slots_[slot];
   s.state = State::kFree;
   s.dirty = false;
+  s.group = 0;
   s.key = BlockKey{};
   free_.push_back(slot);
 }
@@ -199,6 +228,40 @@ Status SlotTable::Validate() const {
       prev = at;
     }
     if (walked != list.size || list.tail != prev) return fail("LRU list tail");
+  }
+  // Each group's lists: its listed slots, in the table-wide lists' order.
+  std::vector<uint64_t> rank(n, 0);
+  for (int l = 0; l < 2; ++l) {
+    uint64_t r = 0;
+    for (SlotId at = lru_[l].head; at != kNone; at = slots_[at].lru_next) rank[at] = r++;
+  }
+  std::vector<uint64_t> group_listed(groups_.size() * 2, 0);
+  for (SlotId i = 0; i < n; ++i) {
+    const Slot& s = slots_[i];
+    if (s.group > groups_.size()) return fail("slot " + std::to_string(i) + " in no known group");
+    if (s.state == State::kFree && s.group != 0) return fail("free slot in a group");
+    if (s.group != 0 && s.state == State::kPublished && s.pins == 0) {
+      ++group_listed[(s.group - 1) * 2 + (s.dirty ? 1 : 0)];
+    }
+  }
+  for (uint32_t g = 1; g <= groups_.size(); ++g) {
+    for (int l = 0; l < 2; ++l) {
+      const LruList& list = groups_[g - 1][l];
+      const std::string name = "group " + std::to_string(g) + " list " + std::to_string(l);
+      if (group_listed[(g - 1) * 2 + l] != list.size) return fail(name + " size");
+      uint64_t walked = 0;
+      SlotId prev = kNone;
+      for (SlotId at = list.head; at != kNone; at = slots_[at].group_next) {
+        const Slot& s = slots_[at];
+        if (++walked > list.size || s.group != g || s.state != State::kPublished || s.pins != 0 ||
+            s.dirty != (l == 1) || s.group_prev != prev ||
+            (prev != kNone && rank[prev] >= rank[at])) {
+          return fail(name + " broken at slot " + std::to_string(at));
+        }
+        prev = at;
+      }
+      if (walked != list.size || list.tail != prev) return fail(name + " tail");
+    }
   }
   return Status::OK();
 }

@@ -171,6 +171,7 @@ class Model {
     State state = kFree;
     uint32_t pins = 0;
     bool dirty = false;
+    uint32_t group = 0;
   };
 
   explicit Model(uint32_t n) : slots_(n) {}
@@ -181,6 +182,13 @@ class Model {
   void Listed(SlotId s) { lru_[slots_[s].dirty].push_front(s); }
   void Unlisted(SlotId s) { lru_[slots_[s].dirty].remove(s); }
   bool OnList(SlotId s) const { return slots_[s].state == kPublished && slots_[s].pins == 0; }
+  // The least recently used slot of list `dirty` in `group`.
+  std::optional<SlotId> GroupTail(int dirty, uint32_t group) const {
+    for (auto it = lru_[dirty].rbegin(); it != lru_[dirty].rend(); ++it) {
+      if (slots_[*it].group == group) return *it;
+    }
+    return std::nullopt;
+  }
 };
 
 TEST(SlotTableTest, RandomOperationsMatchModel) {
@@ -215,9 +223,11 @@ TEST(SlotTableTest, RandomOperationsMatchModel) {
         auto s = pick([](const Model::Slot& x) { return x.state == Model::kUnpublished; });
         if (!s) break;
         const bool dirty = rng() % 2;
-        t.Publish(*s, Key(*s), dirty);
+        const uint32_t group = static_cast<uint32_t>(rng() % 3);  // 0: none
+        t.Publish(*s, Key(*s), dirty, group);
         m.slots_[*s].state = Model::kPublished;
         m.slots_[*s].dirty = dirty;
+        m.slots_[*s].group = group;
         break;
       }
       case 2: {  // Pin
@@ -277,6 +287,10 @@ TEST(SlotTableTest, RandomOperationsMatchModel) {
         }
         if (d) {
           ASSERT_EQ(*d, m.lru_[1].back());
+        }
+        for (uint32_t g = 1; g <= 3; ++g) {  // group 3 is never used
+          ASSERT_EQ(t.LruVictim(g), m.GroupTail(0, g)) << "group " << g;
+          ASSERT_EQ(t.DirtyLruOldest(g), m.GroupTail(1, g)) << "group " << g;
         }
         break;
       }

@@ -10,7 +10,9 @@
 
 namespace kvtier {
 
-// What one namespace holds (for quotas and the sidecar's metrics).
+// What one namespace holds (for quotas and the sidecar's metrics). The block counts are
+// exact at any moment (a Put counts once committed); the quota counters count since Open
+// and stay zero for a namespace without an entry in StoreOptions::quotas.
 struct NamespaceUsage {
   uint64_t blocks = 0;            // blocks in the store (what its disk quota counts)
   uint64_t host_blocks = 0;       // of those, resident in the host tier
@@ -63,7 +65,8 @@ class EmbeddedStore final : public Store {
                               std::span<const float> scores = {}) override;
   Status Release(uint64_t lease) override;
 
-  // What `namespace_id` holds now (zeros for an unknown namespace).
+  // What `namespace_id` holds now (zeros for an unknown namespace). Takes the store's
+  // lock for one hash lookup; safe from any thread.
   NamespaceUsage Usage(uint32_t namespace_id) const;
 
   struct Impl;

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -55,7 +56,30 @@ Status EmbeddedStore::Impl::CheckBuffer(const void* data, uint64_t bytes) const 
   return Status::OK();
 }
 
-Result<SlotId> EmbeddedStore::Impl::ReserveLocked(bool for_put) {
+Result<SlotId> EmbeddedStore::Impl::ReserveLocked(const BlockKey& key, bool for_put) {
+  NamespaceState* ns = QuotaLocked(key.namespace_id);
+  bool charged = false;
+  if (ns != nullptr) {
+    if (for_put && ns->usage.blocks >= ns->disk_limit_blocks && index.Find(key) == nullptr) {
+      ++ns->usage.quota_rejections;
+      return DiskQuotaExceeded(key, *ns);
+    }
+    if (ns->host_limit_blocks != kNoLimit) {
+      KVTIER_ASSIGN_OR_RETURN(HostRoom room, HostRoomLocked(*ns, key, for_put));
+      charged = room == HostRoom::kRoom;
+      if (charged) ++ns->host_reserved;
+    }
+  }
+  Result<SlotId> slot = ReserveFreeSlotLocked(for_put);
+  if (!slot.ok()) {
+    if (charged) --ns->host_reserved;
+    return slot.status();
+  }
+  slot_charged[*slot] = charged ? 1 : 0;
+  return slot;
+}
+
+Result<SlotId> EmbeddedStore::Impl::ReserveFreeSlotLocked(bool for_put) {
   // With a disk tier, a Put never takes the last few slots that are free or clean:
   // they stay for promotions, so blocks on disk can be read even when the host tier is
   // full of blocks the disk cannot take (a full disk).
@@ -98,6 +122,7 @@ void EmbeddedStore::Impl::EvictLocked(SlotId victim) {
     // Demoted: the disk holds it already; only the host copy goes.
     entry->host_slot = BlockIndex::kNoSlot;
     pool->Retire(victim);
+    HostCopyGoneLocked(entry->key->namespace_id);
     return;
   }
   // No lower tier: the block is lost, and counted.
@@ -112,22 +137,46 @@ void EmbeddedStore::Impl::EvictLocked(SlotId victim) {
   index.Erase(entry);
 }
 
-RetrievalIndexes::LayerRef EmbeddedStore::Impl::CommitLocked(const BlockKey& key, SlotId slot,
-                                                             PreparedSummary* summary) {
+Status EmbeddedStore::Impl::CommitLocked(const BlockKey& key, SlotId slot, PreparedSummary* summary,
+                                         RetrievalIndexes::LayerRef* touched) {
+  NamespaceState& ns = NamespaceLocked(key.namespace_id);
+  if (slot_charged[slot] == 0 && ns.host_limit_blocks != kNoLimit) {
+    // Reserved as the replacement of a resident block: if that copy went meanwhile, this
+    // one needs room after all.
+    Result<HostRoom> room = HostRoomLocked(ns, key, /*for_put=*/true);
+    if (!room.ok()) {
+      AbandonSlotLocked(slot, key.namespace_id);
+      return room.status();
+    }
+  }
   auto [entry, created] = index.Insert(key);
-  if (!created) {
+  if (created) {
+    if (ns.usage.blocks >= ns.disk_limit_blocks) {
+      // The key was there at the reservation, and went since.
+      index.Erase(entry);
+      ++ns.usage.quota_rejections;
+      AbandonSlotLocked(slot, key.namespace_id);
+      return DiskQuotaExceeded(key, ns);
+    }
+    ++ns.usage.blocks;
+  } else {
     if (device != nullptr) device->Invalidate(key);  // the GPU tier's copy is stale
-    if (entry->host_slot != BlockIndex::kNoSlot) pool->Retire(entry->host_slot);
+    if (entry->host_slot != BlockIndex::kNoSlot) {
+      pool->Retire(entry->host_slot);
+      --ns.usage.host_blocks;
+    }
     if (entry->dirty) {  // the older host copy will never be written now
       dirty_versions.erase(entry->version);
       failed_writes.erase(entry->version);
       pending_summaries.erase(entry->version);
     }
   }
+  SettleChargeLocked(slot, key.namespace_id);
   entry->host_slot = slot;
   entry->version = next_version++;
   entry->dirty = has_disk;
-  pool->Publish(slot, key, has_disk);
+  pool->Publish(slot, key, has_disk, ns.lru_group);
+  ++ns.usage.host_blocks;
   if (has_disk) {
     dirty_versions.insert(entry->version);
     if (options.write_through) EnqueueWriteLocked(key, entry->version, slot);
@@ -135,11 +184,12 @@ RetrievalIndexes::LayerRef EmbeddedStore::Impl::CommitLocked(const BlockKey& key
   pool->Unpin(slot);
   ++stats.puts;
   stats.bytes_put += block_bytes;
-  if (retrieval == nullptr) return {};
+  if (retrieval == nullptr) return Status::OK();
   if (has_disk && !summary->encoded.empty()) {
     pending_summaries[entry->version] = std::move(summary->encoded);
   }
-  return retrieval->QueueAdd(key, std::move(summary->summary));
+  *touched = retrieval->QueueAdd(key, std::move(summary->summary));
+  return Status::OK();
 }
 
 void EmbeddedStore::Impl::DetachLocked(BlockIndex::Entry* entry,
@@ -163,6 +213,7 @@ void EmbeddedStore::Impl::DetachLocked(BlockIndex::Entry* entry,
       }
     }
   }
+  BlockGoneLocked(entry->key->namespace_id, entry->host_slot != BlockIndex::kNoSlot);
 }
 
 void EmbeddedStore::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
@@ -186,7 +237,7 @@ void EmbeddedStore::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
     }
     if (reserved == BlockIndex::kNoSlot) {
       // A slot to promote into. Reserving may wait and let the block change: look again.
-      Result<SlotId> r = ReserveLocked(/*for_put=*/false);
+      Result<SlotId> r = ReserveLocked(key, /*for_put=*/false);
       if (!r.ok()) {
         plan.status = r.status();
         break;
@@ -201,7 +252,7 @@ void EmbeddedStore::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
     ReadPinLocked(plan.loc);
     break;
   }
-  if (reserved != BlockIndex::kNoSlot) pool->Unpin(reserved);  // not needed after all
+  if (reserved != BlockIndex::kNoSlot) AbandonSlotLocked(reserved, key.namespace_id);
 }
 
 Status EmbeddedStore::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
@@ -215,17 +266,18 @@ Status EmbeddedStore::Impl::Put(const BlockKey& key, const void* data, uint64_t 
   SlotId slot;
   {
     MutexLock lock(&mu);
-    KVTIER_ASSIGN_OR_RETURN(slot, ReserveLocked(/*for_put=*/true));
+    KVTIER_ASSIGN_OR_RETURN(slot, ReserveLocked(key, /*for_put=*/true));
   }
   std::memcpy(pool->SlotData(slot), data, bytes);
   ChecksumSlot(slot);
   RetrievalIndexes::LayerRef touched;
+  Status committed;
   {
     MutexLock lock(&mu);
-    touched = CommitLocked(key, slot, &summary);
+    committed = CommitLocked(key, slot, &summary, &touched);
   }
   if (retrieval != nullptr) retrieval->Apply(touched);
-  return Status::OK();
+  return committed;
 }
 
 Status EmbeddedStore::Impl::PutBatch(std::span<const BlockWrite> writes,
@@ -247,7 +299,7 @@ Status EmbeddedStore::Impl::PutBatch(std::span<const BlockWrite> writes,
     MutexLock lock(&mu);
     for (size_t i = 0; i < writes.size(); ++i) {
       if (!statuses[i].ok()) continue;
-      Result<SlotId> slot = ReserveLocked(/*for_put=*/true);
+      Result<SlotId> slot = ReserveLocked(writes[i].key, /*for_put=*/true);
       if (slot.ok()) {
         slots[i] = *slot;
       } else {
@@ -266,8 +318,9 @@ Status EmbeddedStore::Impl::PutBatch(std::span<const BlockWrite> writes,
     MutexLock lock(&mu);
     for (size_t i = 0; i < writes.size(); ++i) {
       if (slots[i] == BlockIndex::kNoSlot) continue;
-      RetrievalIndexes::LayerRef layer =
-          CommitLocked(writes[i].key, slots[i], retrieval != nullptr ? &summaries[i] : nullptr);
+      RetrievalIndexes::LayerRef layer;
+      statuses[i] = CommitLocked(writes[i].key, slots[i],
+                                 retrieval != nullptr ? &summaries[i] : nullptr, &layer);
       if (layer.sequence != nullptr &&
           (touched.empty() || touched.back().sequence != layer.sequence ||
            touched.back().layer != layer.layer)) {
@@ -333,6 +386,150 @@ Status EmbeddedStore::Impl::RunReads(std::span<const BlockRead> reads, std::span
   return FirstFailure(statuses);
 }
 
+// --- Namespaces: usage and quotas ---------------------------------------------------------
+
+namespace {
+
+// options.quotas: one entry per namespace, each limit (when set) at least one block.
+Status ValidateQuotas(const std::vector<NamespaceQuota>& quotas, uint64_t slot_bytes) {
+  std::unordered_map<uint32_t, size_t> seen;
+  for (size_t i = 0; i < quotas.size(); ++i) {
+    const NamespaceQuota& q = quotas[i];
+    const std::string name =
+        "quotas[" + std::to_string(i) + "] (namespace " + std::to_string(q.namespace_id) + ")";
+    if (auto [it, fresh] = seen.try_emplace(q.namespace_id, i); !fresh) {
+      return Status::InvalidArgument(name + ": namespace " + std::to_string(q.namespace_id) +
+                                     " already has a quota, quotas[" + std::to_string(it->second) +
+                                     "]");
+    }
+    for (auto [what, bytes] :
+         {std::pair{"host_bytes", q.host_bytes}, {"disk_bytes", q.disk_bytes}}) {
+      if (bytes != 0 && bytes < slot_bytes) {
+        return Status::InvalidArgument(name + ": " + what + " of " + std::to_string(bytes) +
+                                       " holds no block of " + std::to_string(slot_bytes) +
+                                       " bytes (block size rounded up to 4 KiB); 0 is no limit");
+      }
+    }
+  }
+  return Status::OK();
+}
+
+}  // namespace
+
+Status EmbeddedStore::Impl::DiskQuotaExceeded(const BlockKey& key, const NamespaceState& ns) const {
+  const uint64_t slot = pool->slot_bytes();
+  return Status::QuotaExceeded(
+      "block " + key.ToString() + ": namespace " + std::to_string(key.namespace_id) +
+      " is at its disk quota: " + std::to_string(ns.usage.blocks) + " blocks of " +
+      std::to_string(slot) + " bytes, " + std::to_string(ns.usage.blocks * slot) + " of " +
+      std::to_string(ns.disk_limit_blocks * slot) + " bytes; delete blocks to make room");
+}
+
+void EmbeddedStore::Impl::InitQuotas() {
+  MutexLock lock(&mu);
+  slot_charged.assign(pool->slot_count(), 0);
+  uint32_t next_group = 1;
+  for (const NamespaceQuota& q : options.quotas) {
+    NamespaceState& ns = namespaces[q.namespace_id];
+    ns.has_quota = true;
+    if (q.host_bytes != 0) {
+      ns.host_limit_blocks = q.host_bytes / pool->slot_bytes();
+      ns.lru_group = next_group++;
+    }
+    if (q.disk_bytes != 0) ns.disk_limit_blocks = q.disk_bytes / pool->slot_bytes();
+  }
+  has_quotas = !options.quotas.empty();
+}
+
+EmbeddedStore::Impl::NamespaceState& EmbeddedStore::Impl::NamespaceLocked(uint32_t namespace_id) {
+  return namespaces[namespace_id];
+}
+
+EmbeddedStore::Impl::NamespaceState* EmbeddedStore::Impl::QuotaLocked(uint32_t namespace_id) {
+  if (!has_quotas) return nullptr;
+  auto it = namespaces.find(namespace_id);
+  return it != namespaces.end() && it->second.has_quota ? &it->second : nullptr;
+}
+
+void EmbeddedStore::Impl::BlockGoneLocked(uint32_t namespace_id, bool was_resident) {
+  auto it = namespaces.find(namespace_id);  // there: the block counted in it
+  NamespaceUsage& u = it->second.usage;
+  --u.blocks;
+  if (was_resident) --u.host_blocks;
+  if (u.blocks == 0 && !it->second.has_quota) namespaces.erase(it);
+}
+
+void EmbeddedStore::Impl::HostCopyGoneLocked(uint32_t namespace_id) {
+  --namespaces.find(namespace_id)->second.usage.host_blocks;
+}
+
+Result<EmbeddedStore::Impl::HostRoom> EmbeddedStore::Impl::HostRoomLocked(NamespaceState& ns,
+                                                                          const BlockKey& key,
+                                                                          bool for_put) {
+  for (;;) {
+    if (ns.usage.host_blocks + ns.host_reserved < ns.host_limit_blocks) return HostRoom::kRoom;
+    if (for_put) {
+      // Replacing a resident block frees its slot at the commit: no room needed.
+      const BlockIndex::Entry* e = index.Find(key);
+      if (e != nullptr && e->host_slot != BlockIndex::kNoSlot) return HostRoom::kReplacement;
+    }
+    // Its least recently used clean block, in O(1) through its LRU group.
+    if (std::optional<SlotId> victim = pool->LruVictim(ns.lru_group)) {
+      ++ns.usage.quota_evictions;
+      EvictLocked(*victim);
+      continue;
+    }
+    if (!for_put) return HostRoom::kReadThrough;
+    // Every block it has in the host tier is dirty or in use.
+    if (has_disk && !options.write_through && !disk_full) {
+      QueueDirtyLruLocked(options.io_depth, ns.lru_group);
+    }
+    if (has_disk && ns.writeback_blocks > 0 && options.wait_when_full) {
+      ++stats.put_waits;
+      slot_cv.wait(mu);
+      continue;
+    }
+    ++ns.usage.quota_rejections;
+    const uint64_t slot = pool->slot_bytes();
+    return Status::QuotaExceeded(
+        "block " + key.ToString() + ": namespace " + std::to_string(key.namespace_id) +
+        " is at its host quota: " + std::to_string(ns.usage.host_blocks) + " blocks resident and " +
+        std::to_string(ns.host_reserved) + " being put, of " + std::to_string(slot) +
+        " bytes each, " + std::to_string((ns.usage.host_blocks + ns.host_reserved) * slot) +
+        " of " + std::to_string(ns.host_limit_blocks * slot) +
+        " bytes, and none can be evicted now (not on disk yet, or in use)");
+  }
+}
+
+void EmbeddedStore::Impl::SettleChargeLocked(SlotId slot, uint32_t namespace_id) {
+  if (slot_charged[slot] == 0) return;
+  slot_charged[slot] = 0;
+  --QuotaLocked(namespace_id)->host_reserved;
+}
+
+void EmbeddedStore::Impl::AbandonSlotLocked(SlotId slot, uint32_t namespace_id) {
+  SettleChargeLocked(slot, namespace_id);
+  pool->Unpin(slot);  // never published: freed
+  slot_cv.notify_all();
+}
+
+bool EmbeddedStore::Impl::PublishPromotedLocked(const BlockKey& key, BlockIndex::Entry* entry,
+                                                SlotId slot) {
+  NamespaceState& ns = NamespaceLocked(key.namespace_id);
+  if (ns.host_limit_blocks != kNoLimit && slot_charged[slot] == 0) return false;
+  SettleChargeLocked(slot, key.namespace_id);
+  pool->Publish(slot, key, /*dirty=*/false, ns.lru_group);
+  entry->host_slot = slot;
+  ++ns.usage.host_blocks;
+  return true;
+}
+
+NamespaceUsage EmbeddedStore::Impl::Usage(uint32_t namespace_id) const {
+  MutexLock lock(&mu);
+  auto it = namespaces.find(namespace_id);
+  return it != namespaces.end() ? it->second.usage : NamespaceUsage{};
+}
+
 // --- EmbeddedStore ---------------------------------------------------------------------------
 
 Result<std::unique_ptr<EmbeddedStore>> EmbeddedStore::Open(const StoreOptions& options,
@@ -355,6 +552,9 @@ Result<std::unique_ptr<EmbeddedStore>> EmbeddedStore::Open(const StoreOptions& o
   if (options.retrieval.enabled) {
     KVTIER_ASSIGN_OR_RETURN(retrieval, RetrievalIndexes::Create(layout, options.retrieval));
   }
+  const uint64_t slot_bytes = (layout.BytesPerBlock() + HostPool::kSlotAlignment - 1) /
+                              HostPool::kSlotAlignment * HostPool::kSlotAlignment;
+  KVTIER_RETURN_IF_ERROR(ValidateQuotas(options.quotas, slot_bytes));
   KVTIER_ASSIGN_OR_RETURN(
       auto pool,
       HostPool::Create(layout.BytesPerBlock(), options.host_capacity_bytes, options.host_memory));
@@ -365,6 +565,7 @@ Result<std::unique_ptr<EmbeddedStore>> EmbeddedStore::Open(const StoreOptions& o
   auto impl = std::make_unique<Impl>(options, layout, std::move(pool),
                                      options.env != nullptr ? options.env : Env::Default());
   impl->retrieval = std::move(retrieval);
+  impl->InitQuotas();  // before the disk tier's recovery counts its blocks
   if (!options.directory.empty()) KVTIER_RETURN_IF_ERROR(impl->OpenDisk());
   if (impl->retrieval != nullptr) impl->retrieval->ApplyAll();  // what the rebuild queued
   KVTIER_RETURN_IF_ERROR(impl->OpenDevice());
@@ -440,6 +641,10 @@ Result<uint64_t> EmbeddedStore::DropSequence(uint32_t namespace_id, const Sequen
   }
   if (d.device != nullptr) d.ForgetHistory(namespace_id, sequence);
   return n;
+}
+
+NamespaceUsage EmbeddedStore::Usage(uint32_t namespace_id) const {
+  return impl_->Usage(namespace_id);
 }
 
 StoreStats EmbeddedStore::Stats() const {

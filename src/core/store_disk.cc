@@ -45,7 +45,9 @@ class Latch {
 
 }  // namespace
 
-uint64_t EmbeddedStore::Impl::Checksum(const void* data) const { return XXH3_64bits(data, block_bytes); }
+uint64_t EmbeddedStore::Impl::Checksum(const void* data) const {
+  return XXH3_64bits(data, block_bytes);
+}
 
 Status EmbeddedStore::Impl::OpenDisk() {
   const std::string& dir = options.directory;
@@ -129,6 +131,7 @@ Status EmbeddedStore::Impl::RecoverLocked() {
   uint64_t orphans = 0;
   Status s = catalog->ForEachBlock([&](const BlockKey& key, const DiskLocation& loc) {
     auto [e, created] = index.Insert(key);
+    if (created) ++NamespaceLocked(key.namespace_id).usage.blocks;
     e->on_disk = true;
     e->disk = loc;
     e->disk.flags &= ~uint32_t{kBlockOrphanExtent};
@@ -181,12 +184,13 @@ void EmbeddedStore::Impl::CloseDisk() {
 void EmbeddedStore::Impl::EnqueueWriteLocked(const BlockKey& key, uint64_t version, SlotId slot) {
   pool->Pin(slot);
   ++writeback_pins;
+  if (NamespaceState* ns = QuotaLocked(key.namespace_id)) ++ns->writeback_blocks;
   write_queue.push_back(WriteItem{.key = key, .version = version, .slot = slot});
   bg_cv.notify_one();
 }
 
 void EmbeddedStore::Impl::QueueDeletesLocked(std::vector<Catalog::Update> deletes,
-                                     std::vector<Extent> frees) {
+                                             std::vector<Extent> frees) {
   catalog_jobs.push_back(
       CatalogJob{.deletes = std::move(deletes), .frees_after = std::move(frees)});
   ++jobs_enqueued;
@@ -194,7 +198,7 @@ void EmbeddedStore::Impl::QueueDeletesLocked(std::vector<Catalog::Update> delete
 }
 
 void EmbeddedStore::Impl::QueueSummaryWriteLocked(const BlockKey& key, uint64_t version,
-                                          std::vector<std::byte> bytes) {
+                                                  std::vector<std::byte> bytes) {
   catalog_jobs.push_back(CatalogJob{
       .summary = SummaryWrite{.key = key, .version = version, .bytes = std::move(bytes)}});
   ++jobs_enqueued;
@@ -232,9 +236,9 @@ void EmbeddedStore::Impl::RetryFailedWritesLocked(uint64_t max_version, bool onl
   }
 }
 
-void EmbeddedStore::Impl::QueueDirtyLruLocked(uint32_t max_blocks) {
+void EmbeddedStore::Impl::QueueDirtyLruLocked(uint32_t max_blocks, uint32_t group) {
   for (uint32_t i = 0; i < max_blocks; ++i) {
-    std::optional<SlotId> slot = pool->DirtyLruOldest();
+    std::optional<SlotId> slot = pool->DirtyLruOldest(group);
     if (!slot) return;
     EnqueueWriteLocked(pool->KeyOf(*slot), index.Find(pool->KeyOf(*slot))->version, *slot);
   }
@@ -304,18 +308,19 @@ void EmbeddedStore::Impl::Promote(std::span<ReadPlan> plans, std::span<const Blo
         ++stats.disk_read_errors;
         p.status = p.status.WithContext("reading block " + keys[i].ToString() + " from disk");
       }
-      pool->Unpin(p.slot);  // never published: freed
+      AbandonSlotLocked(p.slot, keys[i].namespace_id);
       p.slot = BlockIndex::kNoSlot;
       continue;
     }
     ++stats.disk_reads;
     stats.disk_bytes_read += p.loc.length;
-    if (same && e->host_slot == BlockIndex::kNoSlot) {
-      pool->Publish(p.slot, keys[i], /*dirty=*/false);  // promoted; still pinned by us
-      e->host_slot = p.slot;
+    // Promoted (the slot still pinned by us), unless the block changed while we read or
+    // its namespace's host quota had no room: the caller still gets the copy it asked
+    // for, and the unpublished slot is freed at its last Unpin.
+    if (!(same && e->host_slot == BlockIndex::kNoSlot &&
+          PublishPromotedLocked(keys[i], e, p.slot))) {
+      SettleChargeLocked(p.slot, keys[i].namespace_id);
     }
-    // Otherwise the block changed while we read: the caller still gets the copy it
-    // asked for, and the unpublished slot is freed at its last Unpin.
   }
 }
 
@@ -323,6 +328,7 @@ void EmbeddedStore::Impl::BackgroundLoop() {
   MutexLock lock(&mu);
   auto release = [this](const WriteItem& item) KVTIER_REQUIRES(mu) {
     --writeback_pins;
+    if (NamespaceState* ns = QuotaLocked(item.key.namespace_id)) --ns->writeback_blocks;
     pool->Unpin(item.slot);
     slot_cv.notify_all();
     flush_cv.notify_all();

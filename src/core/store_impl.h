@@ -27,6 +27,24 @@
 // while the block is dirty, and through a summary job in the catalog FIFO (written only
 // if the block is then durable and unchanged). A removal in the catalog takes the summary
 // with it, so the catalog never holds a summary for a block it does not hold.
+//
+// Namespaces (store.cc): under `mu`, `namespaces` counts each namespace's index entries
+// and published host slots, exactly: every change of either goes through CommitLocked,
+// DetachLocked, EvictLocked, PublishPromotedLocked or RecoverLocked. A namespace with a
+// quota (StoreOptions::quotas) has an entry for the store's life; others have one while
+// they hold blocks. Quota enforcement:
+//   disk: ReserveLocked refuses a Put of a key not in the index when the namespace holds
+//         its limit; CommitLocked checks again (the key may have gone meanwhile).
+//   host: ReserveLocked charges each reservation to the namespace (`host_reserved`, held
+//         until the slot is published or abandoned: slot_charged[slot]), so that always
+//         host_blocks + host_reserved <= limit. At the limit it evicts the namespace's own
+//         least recently used clean block, found in O(1) through its host pool LRU group
+//         (no walk of the tier-wide LRU list); with none, a Put waits for the namespace's
+//         blocks in write-back (only those: they complete on their own, so the wait
+//         cannot deadlock) when wait_when_full, and fails with QuotaExceeded otherwise; a
+//         promotion gets no charge and reads through a slot that is never published. A
+//         Put replacing a resident block needs no charge (the old copy goes at the
+//         commit); if that copy went meanwhile, CommitLocked makes room by the same rules.
 #ifndef KVTIER_CORE_STORE_IMPL_H_
 #define KVTIER_CORE_STORE_IMPL_H_
 
@@ -43,9 +61,9 @@
 
 #include "kernels/host_device.h"
 #include "kvtier/store.h"
-#include "src/core/embedded_store.h"
 #include "src/core/block_index.h"
 #include "src/core/device_cache.h"
+#include "src/core/embedded_store.h"
 #include "src/core/store_retrieval.h"
 #include "src/core/worker_pool.h"
 #include "src/util/mutex.h"
@@ -64,9 +82,14 @@ struct EmbeddedStore::Impl {
   // --- store.cc -----------------------------------------------------------------------
   Status CheckKey(const BlockKey& key) const;
   Status CheckBuffer(const void* data, uint64_t bytes) const;
-  // A slot for one block: free, or a clean block evicted; may wait for the disk
-  // (releasing `mu`) when wait_when_full. A Put (for_put) leaves read_reserve_slots.
-  Result<SlotId> ReserveLocked(bool for_put) KVTIER_REQUIRES(mu);
+  // A slot for one block of `key` (a Put of it when for_put, else a promotion): free, or
+  // a clean block evicted; may wait for the disk (releasing `mu`) when wait_when_full. A
+  // Put leaves read_reserve_slots. Applies the namespace's quotas first (see above):
+  // QuotaExceeded when they refuse. The slot comes pinned, with its charge recorded in
+  // slot_charged; give it back through AbandonSlotLocked when it is not published.
+  Result<SlotId> ReserveLocked(const BlockKey& key, bool for_put) KVTIER_REQUIRES(mu);
+  // ReserveLocked's slot, quotas aside.
+  Result<SlotId> ReserveFreeSlotLocked(bool for_put) KVTIER_REQUIRES(mu);
   void EvictLocked(SlotId victim) KVTIER_REQUIRES(mu);
   // A block's summary, computed before the commit (retrieval only).
   struct PreparedSummary {
@@ -74,9 +97,12 @@ struct EmbeddedStore::Impl {
     std::vector<std::byte> encoded;  // for the catalog (disk tier only)
   };
   // Publishes the filled, pinned `slot` as `key`'s block. With retrieval, `summary` (not
-  // null) is queued for the index; the layer to Apply once `mu` is released is returned.
-  RetrievalIndexes::LayerRef CommitLocked(const BlockKey& key, SlotId slot,
-                                          PreparedSummary* summary) KVTIER_REQUIRES(mu);
+  // null) is queued for the index; the layer to Apply once `mu` is released goes to
+  // `touched`. QuotaExceeded (the slot abandoned) when `key` is new and its namespace has
+  // reached its disk quota since the reservation, or when a replacement's resident copy
+  // went meanwhile and its host quota has no room (see above).
+  Status CommitLocked(const BlockKey& key, SlotId slot, PreparedSummary* summary,
+                      RetrievalIndexes::LayerRef* touched) KVTIER_REQUIRES(mu);
   // With a disk tier: the checksum of a freshly filled slot, computed by the thread that
   // filled it (while the bytes are in its cache) rather than by the write-back thread.
   void ChecksumSlot(SlotId slot) {
@@ -99,6 +125,47 @@ struct EmbeddedStore::Impl {
     Status status;
   };
   void PlanReadLocked(const BlockKey& key, ReadPlan& plan) KVTIER_REQUIRES(mu);
+  // Publishes a promotion's filled, pinned `slot` as the host copy of `entry` (`key`'s)
+  // when its reservation was charged to the namespace's host quota or it has none;
+  // otherwise (a read through) returns false, and the slot is freed at its last Unpin.
+  bool PublishPromotedLocked(const BlockKey& key, BlockIndex::Entry* entry, SlotId slot)
+      KVTIER_REQUIRES(mu);
+
+  // --- Namespaces: usage and quotas (store.cc) ---------------------------------------
+  static constexpr uint64_t kNoLimit = UINT64_MAX;  // above any count
+  struct NamespaceState {
+    NamespaceUsage usage;  // blocks, host_blocks, quota_rejections, quota_evictions
+    bool has_quota = false;
+    // Limits in blocks (slots for the host, extents for the disk), floor(bytes / slot).
+    uint64_t host_limit_blocks = kNoLimit;
+    uint64_t disk_limit_blocks = kNoLimit;
+    uint32_t lru_group = 0;         // its host slots' LRU group (host quota only)
+    uint64_t host_reserved = 0;     // slots reserved for it with a charge, not published
+    uint64_t writeback_blocks = 0;  // its slots pinned by the write-back pipeline
+  };
+  // The entries of options.quotas (validated by Open), before the disk tier's recovery.
+  void InitQuotas();
+  // The namespace's entry, created when missing.
+  NamespaceState& NamespaceLocked(uint32_t namespace_id) KVTIER_REQUIRES(mu);
+  // The entry of a namespace with a quota, or nullptr (one lookup, none without quotas).
+  NamespaceState* QuotaLocked(uint32_t namespace_id) KVTIER_REQUIRES(mu);
+  // A block of the namespace left the index / the host tier: the counters follow.
+  void BlockGoneLocked(uint32_t namespace_id, bool was_resident) KVTIER_REQUIRES(mu);
+  void HostCopyGoneLocked(uint32_t namespace_id) KVTIER_REQUIRES(mu);
+  // Makes room for one more resident block of `key`'s namespace `ns` within its host
+  // quota (the rules above; may wait, releasing `mu`): kRoom, or kReplacement when a Put
+  // of `key` needs none (it replaces a resident block), or kReadThrough when a promotion
+  // gets none; QuotaExceeded when a Put gets none.
+  enum class HostRoom { kRoom, kReplacement, kReadThrough };
+  Result<HostRoom> HostRoomLocked(NamespaceState& ns, const BlockKey& key, bool for_put)
+      KVTIER_REQUIRES(mu);
+  // The QuotaExceeded of a Put of new block `key` in namespace `ns`.
+  Status DiskQuotaExceeded(const BlockKey& key, const NamespaceState& ns) const;
+  // Gives back a reserved slot that will not be published: its quota charge, its pin.
+  void AbandonSlotLocked(SlotId slot, uint32_t namespace_id) KVTIER_REQUIRES(mu);
+  // Drops a slot's quota charge (it is published, or abandoned).
+  void SettleChargeLocked(SlotId slot, uint32_t namespace_id) KVTIER_REQUIRES(mu);
+  NamespaceUsage Usage(uint32_t namespace_id) const;
   // Serves `reads` (plans: one fresh ReadPlan each, statuses: their outcomes).
   Status RunReads(std::span<const BlockRead> reads, std::span<ReadPlan> plans,
                   std::span<Status> statuses);
@@ -128,8 +195,9 @@ struct EmbeddedStore::Impl {
   // Queues again the failed writes of versions <= max_version whose block is still
   // current (only those refused for lack of space, when only_no_space).
   void RetryFailedWritesLocked(uint64_t max_version, bool only_no_space) KVTIER_REQUIRES(mu);
-  // Queues up to max_blocks of the least recently used dirty, unpinned slots for writing.
-  void QueueDirtyLruLocked(uint32_t max_blocks) KVTIER_REQUIRES(mu);
+  // Queues up to max_blocks of the least recently used dirty, unpinned slots (of the host
+  // pool's LRU group `group`; 0: all) for writing.
+  void QueueDirtyLruLocked(uint32_t max_blocks, uint32_t group = 0) KVTIER_REQUIRES(mu);
   void QueueDeletesLocked(std::vector<Catalog::Update> deletes, std::vector<Extent> frees)
       KVTIER_REQUIRES(mu);
   // Queues a catalog job writing `key`'s summary if, when its turn comes, the block is
@@ -224,6 +292,12 @@ struct EmbeddedStore::Impl {
     uint64_t bytes = 0;
     ~PinnedScratch();
   } scratch KVTIER_GUARDED_BY(scratch_mu);
+
+  // Per namespace (see Namespaces above).
+  std::unordered_map<uint32_t, NamespaceState> namespaces KVTIER_GUARDED_BY(mu);
+  bool has_quotas = false;  // set once at Open: options.quotas is not empty
+  // Per host slot: 1 while a reservation holds a charge to its namespace's host quota.
+  std::vector<uint8_t> slot_charged KVTIER_GUARDED_BY(mu);
 
   // Declared last: destroyed first.
   std::unique_ptr<WorkerPool> workers;

@@ -53,34 +53,56 @@ Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
   for (const BlockKey& key : keys) KVTIER_RETURN_IF_ERROR(CheckKey(key));
   if (keys.empty()) return Status::OK();
 
-  // Slots for every block, or for none: a partial gather has no use.
+  // Slots for every block, or for none: a partial gather has no use. A block its
+  // namespace's quota refuses is the exception: it gets its status, the others go on.
   std::vector<SlotId> ids(keys.size(), BlockIndex::kNoSlot);
   Status reserve;
   {
     MutexLock lock(&mu);
     for (size_t i = 0; i < keys.size() && reserve.ok(); ++i) {
-      Result<SlotId> slot = ReserveLocked(/*for_put=*/true);
+      Result<SlotId> slot = ReserveLocked(keys[i], /*for_put=*/true);
       if (slot.ok()) {
         ids[i] = *slot;
-        slots[i] = pool->SlotData(*slot);
+      } else if (slot.status().code() == StatusCode::kQuotaExceeded) {
+        statuses[i] = slot.status();
       } else {
         reserve = slot.status();
       }
     }
     if (!reserve.ok()) {
-      for (SlotId id : ids) {
-        if (id != BlockIndex::kNoSlot) pool->Unpin(id);  // never published: freed
+      for (size_t i = 0; i < keys.size(); ++i) {
+        if (ids[i] != BlockIndex::kNoSlot) AbandonSlotLocked(ids[i], keys[i].namespace_id);
+        statuses[i] = reserve;
       }
     }
   }
   KVTIER_RETURN_IF_ERROR(reserve);
+  // The gather's blocks: those with a slot (all of them unless a quota refused some).
+  std::vector<int32_t> kept_table;
+  std::span<const int32_t> table = page_table;
+  uint32_t count = 0;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (ids[i] == BlockIndex::kNoSlot) continue;
+    slots[count++] = pool->SlotData(ids[i]);
+  }
+  slots.resize(count);
+  if (count < keys.size()) {
+    kept_table.reserve(count * entries);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (ids[i] == BlockIndex::kNoSlot) continue;
+      kept_table.insert(kept_table.end(), page_table.begin() + i * entries,
+                        page_table.begin() + (i + 1) * entries);
+    }
+    table = kept_table;
+  }
+  if (count == 0) return statuses[0];  // every block refused
 
   Status gathered;
   if (pool->region().kind() == HostMemoryKind::kCudaPinned) {
     // The kernel reads the page table and the slot addresses from pinned memory (mapped
     // into the device's address space) and writes the blocks into the pinned slots.
     MutexLock lock(&scratch_mu);
-    const uint64_t table_bytes = page_table.size() * sizeof(int32_t);
+    const uint64_t table_bytes = table.size() * sizeof(int32_t);
     const uint64_t slots_offset = (table_bytes + 15) / 16 * 16;
     const uint64_t need = slots_offset + slots.size() * sizeof(void*);
     if (scratch.bytes < need) {
@@ -92,10 +114,9 @@ Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
     }
     if (gathered.ok()) {
       auto* base = static_cast<char*>(scratch.data);
-      std::memcpy(base, page_table.data(), table_bytes);
+      std::memcpy(base, table.data(), table_bytes);
       std::memcpy(base + slots_offset, slots.data(), slots.size() * sizeof(void*));
-      gathered = LaunchGatherBlocks(cache, k_base, v_base, reinterpret_cast<int32_t*>(base),
-                                    uint32_t(keys.size()),
+      gathered = LaunchGatherBlocks(cache, k_base, v_base, reinterpret_cast<int32_t*>(base), count,
                                     reinterpret_cast<void* const*>(base + slots_offset), stream);
     }
     if (gathered.ok()) {
@@ -104,14 +125,14 @@ Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
       if (gathered.ok()) gathered = done->Synchronize();
     }
   } else {
-    gathered = GatherBlocksRef(cache, k_base, v_base, page_table.data(), uint32_t(keys.size()),
-                               slots.data(), nullptr);
+    gathered = GatherBlocksRef(cache, k_base, v_base, table.data(), count, slots.data(), nullptr);
   }
 
   // Summaries from the gathered slots (pinned until their commit), on this thread.
   std::vector<PreparedSummary> summaries(retrieval != nullptr ? keys.size() : 0);
   if (gathered.ok()) {
     for (size_t i = 0; i < keys.size(); ++i) {
+      if (ids[i] == BlockIndex::kNoSlot) continue;
       ChecksumSlot(ids[i]);
       if (retrieval != nullptr && gathered.ok()) {
         gathered = PrepareSummary(pool->SlotData(ids[i]), layout.block_tokens, {}, &summaries[i]);
@@ -122,23 +143,28 @@ Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
   {
     MutexLock lock(&mu);
     for (size_t i = 0; i < keys.size(); ++i) {
+      if (ids[i] == BlockIndex::kNoSlot) continue;  // refused by its quota
       if (gathered.ok()) {
-        RetrievalIndexes::LayerRef layer =
-            CommitLocked(keys[i], ids[i], retrieval != nullptr ? &summaries[i] : nullptr);
+        RetrievalIndexes::LayerRef layer;
+        statuses[i] =
+            CommitLocked(keys[i], ids[i], retrieval != nullptr ? &summaries[i] : nullptr, &layer);
         if (layer.sequence != nullptr &&
             (touched.empty() || touched.back().sequence != layer.sequence ||
              touched.back().layer != layer.layer)) {
           touched.push_back(std::move(layer));
         }
-        statuses[i] = Status::OK();
       } else {
-        pool->Unpin(ids[i]);
+        AbandonSlotLocked(ids[i], keys[i].namespace_id);
         statuses[i] = gathered;
       }
     }
   }
   for (const RetrievalIndexes::LayerRef& layer : touched) retrieval->Apply(layer);
-  return gathered.WithContext("PutFromPagedCache");
+  if (!gathered.ok()) return gathered.WithContext("PutFromPagedCache");
+  for (const Status& s : statuses) {
+    if (!s.ok()) return s;
+  }
+  return Status::OK();
 }
 
 Status EmbeddedStore::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,

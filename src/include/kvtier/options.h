@@ -58,16 +58,30 @@ struct SidecarOptions {
 };
 
 // A namespace's limits, in bytes (0: no limit). Blocks of namespaces without an entry
-// are not limited.
+// are not limited. A limit counts whole blocks, floor(bytes / slot) of them, a slot (and
+// a disk extent) being the block size rounded up to 4 KiB; Open fails with
+// InvalidArgument for a limit below one slot or a second entry for a namespace.
 struct NamespaceQuota {
   uint32_t namespace_id = 0;
-  // Its blocks resident in the host tier, one slot (block size rounded up to 4 KiB)
-  // each. A Put or a promotion that would pass it first evicts the namespace's own least
-  // recently used clean block; with none to evict, it fails with QuotaExceeded.
+  // Its blocks resident in the host tier. A Put of a block not resident, or a promotion
+  // from disk (a Get, the GPU tier pulling a block), that would pass it first evicts the
+  // namespace's own least recently used clean block (to disk; in a memory-only store the
+  // block is lost, as any eviction there) and never another namespace's. When it has none
+  // (all dirty, that is not on disk yet, or in use):
+  //   - a Put waits while blocks of the namespace are being written to disk and
+  //     wait_when_full is set (in write-back mode it starts writing its oldest dirty
+  //     blocks first); those writes complete on their own, so the wait cannot deadlock.
+  //     Otherwise, or once nothing of it is in flight, it fails with QuotaExceeded.
+  //   - a promotion never fails for the quota: the block is read through a slot that is
+  //     not kept, and stays on disk only.
+  // Replacing a resident block needs no room. Blocks being written by Puts in flight
+  // count against it, so one PutBatch cannot put more new blocks than the quota holds.
   uint64_t host_bytes = 0;
-  // Its blocks in the store, one disk extent (block size rounded up to 4 KiB) each:
-  // every block is bound for the disk tier. A Put of a new key that would pass it fails
-  // with QuotaExceeded (replacing one of its blocks always succeeds).
+  // Its blocks in the store (resident or on disk): every block is bound for the disk
+  // tier, so this counts with or without one. A Put of a new key that would pass it fails
+  // with QuotaExceeded (replacing one of its blocks always succeeds); Delete and
+  // DropSequence make room. Blocks found on disk at Open count; a store reopened with a
+  // smaller quota refuses new keys until enough are deleted.
   uint64_t disk_bytes = 0;
 };
 
