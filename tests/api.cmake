@@ -17,49 +17,52 @@ add_test(NAME c_api COMMAND kvtier_c_api_test)
 add_test(NAME c_api_async COMMAND kvtier_c_api_async_test)
 set_tests_properties(c_api c_api_async PROPERTIES TIMEOUT 120)
 
-# --- The README's "API example (C++)", extracted at configure time --------------------
-# The section's one ```cpp block becomes readme_example.cc; editing README.md re-runs
-# CMake, so the test always builds what the README shows.
+# --- The README's C++ examples, extracted at configure time ----------------------------
+# A section's one ```cpp block becomes a .cc file; editing README.md re-runs CMake, so the
+# tests always build what the README shows.
 set(KVTIER_README ${PROJECT_SOURCE_DIR}/README.md)
-set(KVTIER_README_HEADING "## API example (C++)")
 set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS ${KVTIER_README})
 if(NOT EXISTS ${KVTIER_README})
   message(FATAL_ERROR "tests/api.cmake: ${KVTIER_README} does not exist")
 endif()
 file(READ ${KVTIER_README} readme_text)
 string(REPLACE "\r\n" "\n" readme_text "${readme_text}")
-# The heading must start a line; the section runs to the next "## " heading or the end.
-string(FIND "\n${readme_text}" "\n${KVTIER_README_HEADING}\n" section_at)
-if(section_at EQUAL -1)
-  message(FATAL_ERROR "README.md has no \"${KVTIER_README_HEADING}\" section")
-endif()
-string(LENGTH "${KVTIER_README_HEADING}" heading_length)
-math(EXPR section_at "${section_at} + ${heading_length}")
-string(SUBSTRING "${readme_text}" ${section_at} -1 readme_section)
-string(FIND "${readme_section}" "\n## " section_end)
-if(NOT section_end EQUAL -1)
-  string(SUBSTRING "${readme_section}" 0 ${section_end} readme_section)
-endif()
-string(REGEX MATCHALL "\n```cpp\n" cpp_fences "${readme_section}")
-list(LENGTH cpp_fences cpp_fence_count)
-if(NOT cpp_fence_count EQUAL 1)
-  message(FATAL_ERROR "README.md's \"${KVTIER_README_HEADING}\" section must hold exactly one "
-                      "```cpp block; it holds ${cpp_fence_count}")
-endif()
-string(FIND "${readme_section}" "\n```cpp\n" code_at)
-math(EXPR code_at "${code_at} + 8")  # past "\n```cpp\n"
-string(SUBSTRING "${readme_section}" ${code_at} -1 readme_code)
-string(FIND "\n${readme_code}" "\n```" code_end)
-if(code_end EQUAL -1)
-  message(FATAL_ERROR "README.md: the ```cpp block of \"${KVTIER_README_HEADING}\" is not closed")
-endif()
-string(SUBSTRING "${readme_code}" 0 ${code_end} readme_code)
-# Written through configure_file so that an unchanged example is not rebuilt.
-set(KVTIER_README_EXAMPLE ${CMAKE_CURRENT_BINARY_DIR}/readme_example/readme_example.cc)
-file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/readme_example/readme_example.cc.tmp "${readme_code}")
-configure_file(${CMAKE_CURRENT_BINARY_DIR}/readme_example/readme_example.cc.tmp
-               ${KVTIER_README_EXAMPLE} COPYONLY)
 
+# Writes the ```cpp block of the README section `heading` to `out`.
+function(kvtier_readme_example heading out)
+  # The heading must start a line; the section runs to the next "## " heading or the end.
+  string(FIND "\n${readme_text}" "\n${heading}\n" section_at)
+  if(section_at EQUAL -1)
+    message(FATAL_ERROR "README.md has no \"${heading}\" section")
+  endif()
+  string(LENGTH "${heading}" heading_length)
+  math(EXPR section_at "${section_at} + ${heading_length}")
+  string(SUBSTRING "${readme_text}" ${section_at} -1 section)
+  string(FIND "${section}" "\n## " section_end)
+  if(NOT section_end EQUAL -1)
+    string(SUBSTRING "${section}" 0 ${section_end} section)
+  endif()
+  string(REGEX MATCHALL "\n```cpp\n" fences "${section}")
+  list(LENGTH fences fence_count)
+  if(NOT fence_count EQUAL 1)
+    message(FATAL_ERROR "README.md's \"${heading}\" section must hold exactly one ```cpp "
+                        "block; it holds ${fence_count}")
+  endif()
+  string(FIND "${section}" "\n```cpp\n" code_at)
+  math(EXPR code_at "${code_at} + 8")  # past "\n```cpp\n"
+  string(SUBSTRING "${section}" ${code_at} -1 code)
+  string(FIND "\n${code}" "\n```" code_end)
+  if(code_end EQUAL -1)
+    message(FATAL_ERROR "README.md: the ```cpp block of \"${heading}\" is not closed")
+  endif()
+  string(SUBSTRING "${code}" 0 ${code_end} code)
+  # Written through configure_file so that an unchanged example is not rebuilt.
+  file(WRITE ${out}.tmp "${code}")
+  configure_file(${out}.tmp ${out} COPYONLY)
+endfunction()
+
+set(KVTIER_README_EXAMPLE ${CMAKE_CURRENT_BINARY_DIR}/readme_example/readme_example.cc)
+kvtier_readme_example("## API example (C++)" ${KVTIER_README_EXAMPLE})
 add_executable(kvtier_readme_example ${KVTIER_README_EXAMPLE})
 # Only what a user has: the public headers (through kvtier's usage requirements).
 target_link_libraries(kvtier_readme_example PRIVATE kvtier)

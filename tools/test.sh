@@ -15,3 +15,11 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKVTIER_CUDA=OFF \
   -DKVTIER_BUILD_BENCH=OFF -DKVTIER_SANITIZE=address,undefined
 cmake --build build-asan -j "$jobs"
 ctest --test-dir build-asan --output-on-failure -j "$jobs" -LE no-sanitizer
+
+# The protocol's libFuzzer target (tests/fuzz: clang, ASan+UBSan), for a bounded time,
+# from the seed corpus in tests/fuzz/corpus.
+cmake -S tests/fuzz -B build-fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++-14
+cmake --build build-fuzz -j "$jobs"
+mkdir -p build-fuzz/corpus
+build-fuzz/kvtier_protocol_fuzz -max_total_time=60 -timeout=10 -rss_limit_mb=2048 \
+  -artifact_prefix=build-fuzz/ -print_final_stats=1 build-fuzz/corpus tests/fuzz/corpus

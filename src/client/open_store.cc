@@ -1,6 +1,7 @@
 // Store::Open: an embedded store, or a client of kvtierd when the options name one. It
 // lives above src/core because it needs both.
 #include "kvtier/store.h"
+#include "src/client/sidecar_store.h"
 #include "src/core/embedded_store.h"
 
 namespace kvtier {
@@ -11,7 +12,9 @@ Result<std::unique_ptr<Store>> Store::Open(const StoreOptions& options, const Mo
                             EmbeddedStore::Open(options, layout));
     return std::unique_ptr<Store>(std::move(store));
   }
-  return Status::NotSupported("the kvtierd client is not built yet");
+  KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<client::SidecarStore> store,
+                          client::SidecarStore::Open(options, layout));
+  return std::unique_ptr<Store>(std::move(store));
 }
 
 }  // namespace kvtier

@@ -4,11 +4,13 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "kvtier/client.h"
 #include "kvtier/store.h"
 
 struct kvtier_store {
@@ -126,6 +128,13 @@ void kvtier_options_init(kvtier_options* options) {
                                                 r.prefetch_extra,
                                                 r.device_blocks_per_layer,
                                                 r.force_emulated_device ? 1 : 0};
+  options->sidecar_socket = nullptr;
+  options->sidecar_tcp_address = nullptr;
+  options->sidecar_token = nullptr;
+  options->sidecar_namespace_id = d.sidecar.namespace_id;
+  options->sidecar_connect_timeout_ms = d.sidecar.connect_timeout_ms;
+  options->sidecar_max_backoff_ms = d.sidecar.max_backoff_ms;
+  options->sidecar_staging_blocks = d.sidecar.staging_blocks;
 }
 
 void kvtier_layout_llama3_8b(kvtier_layout* layout) {
@@ -181,6 +190,21 @@ kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layo
     o.retrieval.prefetch_extra = r.prefetch_extra;
     o.retrieval.device_blocks_per_layer = r.device_blocks_per_layer;
     o.retrieval.force_emulated_device = r.force_emulated_device != 0;
+    if (options->sidecar_socket != nullptr) o.sidecar.socket = options->sidecar_socket;
+    if (options->sidecar_tcp_address != nullptr) {
+      o.sidecar.tcp_address = options->sidecar_tcp_address;
+    }
+    if (options->sidecar_token != nullptr) o.sidecar.token = options->sidecar_token;
+    o.sidecar.namespace_id = options->sidecar_namespace_id;
+    if (options->sidecar_connect_timeout_ms != 0) {
+      o.sidecar.connect_timeout_ms = options->sidecar_connect_timeout_ms;
+    }
+    if (options->sidecar_max_backoff_ms != 0) {
+      o.sidecar.max_backoff_ms = options->sidecar_max_backoff_ms;
+    }
+    if (options->sidecar_staging_blocks != 0) {
+      o.sidecar.staging_blocks = options->sidecar_staging_blocks;
+    }
     KVTIER_ASSIGN_OR_RETURN(auto s, kvtier::Store::Open(o, ToLayout(*layout)));
     *store = new kvtier_store{std::move(s)};
     return kvtier::Status::OK();
@@ -362,6 +386,17 @@ kvtier_code kvtier_select(kvtier_store* store, uint32_t namespace_id, uint64_t s
     }
     return kvtier::Status::OK();
   });
+}
+
+kvtier_code kvtier_sidecar_status_get(const kvtier_store* store, kvtier_sidecar_status* status) {
+  if (store == nullptr) return NullArgument("store");
+  if (status == nullptr) return NullArgument("status");
+  std::optional<kvtier::SidecarStatus> s = kvtier::GetSidecarStatus(*store->store);
+  if (!s.has_value()) {
+    return Report(kvtier::Status::NotSupported("an embedded store has no sidecar connection"));
+  }
+  *status = kvtier_sidecar_status{s->connected ? 1 : 0, s->reconnects};
+  return KVTIER_OK;
 }
 
 kvtier_code kvtier_acquire(kvtier_store* store, uint32_t namespace_id, uint64_t sequence_hi,

@@ -119,6 +119,17 @@ typedef struct kvtier_options {
   kvtier_host_memory host_memory;
   uint32_t async_threads;
   kvtier_retrieval_options retrieval;
+  /* The kvtierd sidecar (kvtier::SidecarOptions, kvtier/client.h). A socket path, or else
+   * a "host:port", makes kvtier_open a client of that daemon, with the same calls and
+   * semantics; the fields above except `retrieval` are then the daemon's business. Both
+   * NULL (or ""): an embedded store. The strings are copied by kvtier_open. */
+  const char* sidecar_socket;
+  const char* sidecar_tcp_address;
+  const char* sidecar_token; /* NULL: none */
+  uint32_t sidecar_namespace_id;
+  uint32_t sidecar_connect_timeout_ms; /* 0: the default (5000) */
+  uint32_t sidecar_max_backoff_ms;     /* 0: the default (1000) */
+  uint32_t sidecar_staging_blocks;     /* 0: the default (64) */
 } kvtier_options;
 
 typedef struct kvtier_block_key {
@@ -268,6 +279,14 @@ kvtier_code kvtier_select(kvtier_store* store, uint32_t namespace_id, uint64_t s
 kvtier_code kvtier_index_block(kvtier_store* store, const kvtier_block_key* key, const void* data,
                                uint64_t bytes, uint32_t valid_tokens, const float* token_scores,
                                size_t n_scores);
+
+/* The state of a sidecar client's connection to kvtierd (kvtier::SidecarStatus). */
+typedef struct kvtier_sidecar_status {
+  int connected;       /* non-zero: connected now */
+  uint64_t reconnects; /* successful reconnections since kvtier_open */
+} kvtier_sidecar_status;
+/* KVTIER_NOT_SUPPORTED for an embedded store. */
+kvtier_code kvtier_sidecar_status_get(const kvtier_store* store, kvtier_sidecar_status* status);
 
 /* The GPU tier (kvtier::Store::Acquire and Release); KVTIER_FAILED_PRECONDITION unless
  * the store was opened with retrieval.enabled and retrieval.device_capacity_bytes > 0.

@@ -1,0 +1,84 @@
+// Connection: one handshaken stream socket to kvtierd (PROTOCOL.md), and the staging
+// area the daemon mapped for it. It knows frames, not operations: SidecarClient owns the
+// request ids and what the replies mean.
+//
+// Threading: Send may be called from any number of threads (a mutex keeps frames whole);
+// ReadFrame from one thread at a time (the client's reader); Shutdown from any thread,
+// at any time, to wake both. The staging area stays mapped while the object lives.
+#ifndef KVTIER_CLIENT_CONNECTION_H_
+#define KVTIER_CLIENT_CONNECTION_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "kvtier/layout.h"
+#include "kvtier/options.h"
+#include "kvtier/status.h"
+#include "src/server/protocol/frame.h"
+#include "src/util/mutex.h"
+
+namespace kvtier::client {
+
+class Connection {
+ public:
+  // Connects to the daemon `options` names (its Unix socket, else its TCP address) and
+  // performs the handshake for `layout`, giving up at `deadline` or as soon as *cancel
+  // (may be null) becomes true. Errors: Unavailable when the daemon cannot be reached or
+  // the connection fails (retryable); the daemon's refusal as it sent it (for example
+  // FailedPrecondition for a layout mismatch, PermissionDenied for a namespace or token);
+  // InvalidArgument for an unusable address; Cancelled when cancelled.
+  static Result<std::shared_ptr<Connection>> Open(const SidecarOptions& options,
+                                                  const ModelLayout& layout,
+                                                  std::chrono::steady_clock::time_point deadline,
+                                                  const std::atomic<bool>* cancel);
+  ~Connection();
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // Sends one request frame: the header, then `body` (a finished FlatBuffer). Errors:
+  // Unavailable when the connection is broken or shut down.
+  Status Send(wire::Opcode opcode, uint64_t request_id, std::span<const uint8_t> body);
+
+  // Reads the next reply frame; `body` is resized to its body. Errors: Unavailable when
+  // the connection is closed or broken, InvalidArgument for a frame that cannot be
+  // decoded (the stream cannot be resynchronized: drop the connection).
+  Status ReadFrame(wire::FrameHeader* header, std::vector<uint8_t>* body);
+
+  // Shuts the socket down both ways: ReadFrame and Send return Unavailable from now on.
+  void Shutdown();
+
+  // What the daemon granted. staging() is null when block bytes travel inline (TCP, or
+  // no slots granted); slot i is staging_slot_bytes() bytes at staging() + i * that.
+  uint8_t* staging() const { return staging_; }
+  uint32_t staging_blocks() const { return staging_blocks_; }
+  uint64_t staging_slot_bytes() const { return staging_slot_bytes_; }
+  uint8_t* slot(uint32_t i) const { return staging_ + uint64_t{i} * staging_slot_bytes_; }
+  uint32_t max_frame_bytes() const { return max_frame_bytes_; }
+  const std::string& daemon_version() const { return daemon_version_; }
+  // "unix:<path>" or "tcp:<host:port>", for messages.
+  const std::string& peer() const { return peer_; }
+
+ private:
+  Connection(int fd, std::string peer) : fd_(fd), peer_(std::move(peer)) {}
+  Status Handshake(const SidecarOptions& options, const ModelLayout& layout, bool unix_socket,
+                   std::chrono::steady_clock::time_point deadline, const std::atomic<bool>* cancel);
+
+  const int fd_;
+  const std::string peer_;
+  Mutex send_mu_;  // a frame is written whole before the next one starts
+  uint8_t* staging_ = nullptr;
+  uint64_t staging_map_bytes_ = 0;
+  uint32_t staging_blocks_ = 0;
+  uint64_t staging_slot_bytes_ = 0;
+  uint32_t max_frame_bytes_ = wire::kDefaultMaxFrameBytes;
+  std::string daemon_version_;
+};
+
+}  // namespace kvtier::client
+
+#endif  // KVTIER_CLIENT_CONNECTION_H_

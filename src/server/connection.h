@@ -1,0 +1,146 @@
+// Connection: one client of kvtierd, from accept to close (PROTOCOL.md). It reads
+// frames (FrameReader), serves them (the handshake first, then block transfers and the
+// other requests, up to max_in_flight at once) and writes the replies from a queue,
+// with the staging area's descriptor attached to the HelloReply.
+//
+// Threading: a connection lives on one IoShard; every member function runs on that
+// shard's thread (no locks). Store work runs elsewhere (the store's async threads, the
+// server's worker pool) and holds a shared_ptr to the connection (and its staging area)
+// until its completion, posted back to the shard, has run; so a connection closed with
+// requests in flight is destroyed only after they finish, and their replies are dropped.
+#ifndef KVTIER_SERVER_CONNECTION_H_
+#define KVTIER_SERVER_CONNECTION_H_
+
+#include <boost/asio/generic/stream_protocol.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "src/server/frame_reader.h"
+#include "src/server/handshake.h"
+#include "src/server/protocol/codec.h"
+#include "src/server/server_context.h"
+#include "src/server/staging_area.h"
+
+namespace kvtier::server {
+
+class Connection;
+
+// One io thread's connections.
+struct IoShard {
+  boost::asio::io_context ctx{1};
+  // Open connections by id; touched only on ctx's thread.
+  std::unordered_map<uint64_t, std::shared_ptr<Connection>> connections;
+};
+
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  using Socket = boost::asio::generic::stream_protocol::socket;
+
+  // `socket` must belong to shard.ctx. `server` and `shard` must outlive the connection.
+  Connection(ServerContext& server, IoShard& shard, Socket socket, const PeerIdentity& peer,
+             std::string peer_name);
+  ~Connection();
+
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // Registers with the shard and starts reading.
+  void Start();
+  // Closes the socket now, dropping unsent replies; requests in flight finish and their
+  // completions find the connection closed. Idempotent.
+  void Close();
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Request;
+  struct OutFrame {
+    std::vector<uint8_t> bytes;
+    size_t offset = 0;
+    int fd = -1;  // sent with the frame's first byte (SCM_RIGHTS), not owned
+  };
+
+  // Reading and dispatch.
+  void ReadMore();
+  void OnRead(const boost::system::error_code& ec, size_t bytes);
+  void ProcessFrames();
+  void HandleFrame(const wire::FrameHeader& header, std::span<const uint8_t> body);
+  void HandleHello(Request& req, std::span<const uint8_t> body);
+  void HandlePut(std::unique_ptr<Request> req, std::span<const uint8_t> body);
+  void HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t> body);
+  void HandleContains(Request& req, std::span<const uint8_t> body);
+  void HandleDelete(Request& req, std::span<const uint8_t> body);
+  void HandleDropSequence(std::unique_ptr<Request> req, std::span<const uint8_t> body);
+  void HandleFlush(std::unique_ptr<Request> req);
+  void HandleStats(Request& req);
+  void HandleIndexBlock(std::unique_ptr<Request> req, std::span<const uint8_t> body);
+  void HandleSelect(std::unique_ptr<Request> req, std::span<const uint8_t> body);
+  // Checks the keys' namespaces: req.outcomes gets one entry per key (PermissionDenied
+  // for another namespace's key, else OK).
+  void CheckNamespaces(Request& req, const flatbuffers::Vector<const wire::Key*>* keys);
+
+  // Asynchronous work: the request goes in flight until Complete runs on this shard.
+  Request* BeginAsync(std::unique_ptr<Request> req);
+  template <typename Work>
+  void RunOnWorkers(std::unique_ptr<Request> req, Work work);
+  static void PostComplete(Request* req);
+  void Complete(Request* req);
+  // The reply of a request that went to the store or the workers, or failed before.
+  void Reply(Request& req);
+
+  // Replies.
+  std::unique_ptr<Request> NewRequest();
+  void Recycle(std::unique_ptr<Request> req);
+  void ReplyBatch(Request& req);
+  void ReplyStatus(Request& req, wire::Opcode opcode, const Status& status);
+  void SendError(uint64_t request_id, uint16_t opcode, const Status& status, Clock::time_point t0);
+  // Frames the finished fbb_ and queues it.
+  void QueueReply(wire::Opcode opcode, uint64_t request_id, uint16_t latency_opcode,
+                  Clock::time_point t0, int fd = -1);
+  void WriteMore();
+  // Stops reading; closes once nothing is in flight and every reply has been written
+  // (or after kDrainTimeout).
+  void StartDraining();
+  void MaybeFinishDraining();
+
+  ServerContext& server_;
+  IoShard& shard_;
+  Socket socket_;
+  const PeerIdentity peer_;
+  const std::string peer_name_;
+  const uint64_t id_;
+  const uint64_t block_bytes_;
+
+  // Session (after a successful Hello).
+  const NamespaceConfig* ns_ = nullptr;
+  size_t ns_index_ = 0;
+  std::string client_name_;
+  std::shared_ptr<StagingArea> staging_;
+  std::vector<uint8_t> slot_marks_;  // Get: slots named so far (one per staging slot)
+
+  FrameReader reader_;
+  bool reading_ = false;
+  bool closed_ = false;
+  bool draining_ = false;
+  uint32_t in_flight_ = 0;
+
+  std::deque<OutFrame> out_;
+  uint64_t queued_bytes_ = 0;
+  bool write_waiting_ = false;
+  boost::asio::steady_timer drain_timer_;
+
+  flatbuffers::FlatBufferBuilder fbb_;
+  std::vector<std::unique_ptr<Request>> free_requests_;
+  std::vector<std::vector<uint8_t>> free_buffers_;
+};
+
+}  // namespace kvtier::server
+
+#endif  // KVTIER_SERVER_CONNECTION_H_

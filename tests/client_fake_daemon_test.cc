@@ -1,0 +1,244 @@
+// The sidecar client against a scripted daemon that speaks the protocol by hand, for
+// what the real one does only by chance: replies out of order, an Error frame for one
+// request, requests left unanswered when the connection closes, a handshake that never
+// gets its answer. The fake grants no staging slots, so block bytes travel inline.
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstring>
+#include <future>
+#include <thread>
+#include <vector>
+
+#include "src/server/protocol/codec.h"
+#include "tests/client_test_util.h"
+#include "tests/test_util.h"
+
+namespace kvtier {
+namespace {
+
+using testing::Eventually;
+using testing::Key;
+using testing::SmallLayout;
+
+struct Frame {
+  wire::FrameHeader header;
+  std::vector<uint8_t> body;
+};
+
+class FakeDaemon {
+ public:
+  explicit FakeDaemon(const std::string& path) {
+    listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+    EXPECT_EQ(::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    EXPECT_EQ(::listen(listen_fd_, 8), 0);
+  }
+  ~FakeDaemon() {
+    CloseClient();
+    ::close(listen_fd_);
+  }
+
+  void Accept() { fd_ = ::accept(listen_fd_, nullptr, nullptr); }
+  void CloseClient() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  bool Read(Frame* f) {
+    std::array<uint8_t, wire::kHeaderBytes> h;
+    if (!ReadAll(h.data(), h.size())) return false;
+    Result<wire::FrameHeader> header = wire::DecodeHeader(h, wire::kDefaultMaxFrameBytes, false);
+    if (!header.ok()) return false;
+    f->header = *header;
+    f->body.resize(header->body_bytes);
+    return ReadAll(f->body.data(), f->body.size()) &&
+           wire::VerifyRequestBody(header->opcode, f->body).ok();
+  }
+  void Write(flatbuffers::FlatBufferBuilder& fbb, wire::Opcode opcode, uint64_t id) {
+    const std::vector<uint8_t> frame = wire::MakeFrame(fbb, opcode, id, /*reply=*/true);
+    ASSERT_EQ(::send(fd_, frame.data(), frame.size(), MSG_NOSIGNAL),
+              static_cast<ssize_t>(frame.size()));
+  }
+
+  // Accepts a connection and answers its Hello: OK, no staging slots.
+  void AcceptAndGreet(const ModelLayout& layout) {
+    Accept();
+    Frame hello;
+    ASSERT_TRUE(Read(&hello));
+    ASSERT_EQ(hello.header.opcode, static_cast<uint16_t>(wire::Opcode::kHello));
+    const auto* req = flatbuffers::GetRoot<wire::HelloRequest>(hello.body.data());
+    EXPECT_EQ(req->layout_fingerprint(), layout.Fingerprint());
+    EXPECT_EQ(req->protocol_version(), wire::kProtocolVersion);
+    flatbuffers::FlatBufferBuilder fbb;
+    fbb.Finish(wire::CreateHelloReply(fbb, wire::ToWire(fbb, Status::OK()),
+                                      fbb.CreateString("fake"), layout.BytesPerBlock(), 0, 0,
+                                      wire::kDefaultMaxFrameBytes));
+    Write(fbb, wire::Opcode::kHello, hello.header.request_id);
+  }
+
+ private:
+  bool ReadAll(uint8_t* p, size_t n) {
+    while (n > 0) {
+      const ssize_t r = ::recv(fd_, p, n, 0);
+      if (r <= 0) return false;
+      p += r;
+      n -= static_cast<size_t>(r);
+    }
+    return true;
+  }
+
+  int listen_fd_ = -1;
+  int fd_ = -1;
+};
+
+// The block the fake serves for a key: bytes derived from its block index.
+std::vector<std::byte> BlockFor(uint64_t bytes, uint32_t block) {
+  std::vector<std::byte> v(bytes);
+  for (uint64_t i = 0; i < bytes; ++i) v[i] = std::byte((i * 31 + block * 7 + 1) & 0xff);
+  return v;
+}
+
+class ClientFakeDaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override { daemon_ = std::make_unique<FakeDaemon>(path_); }
+  std::unique_ptr<Store> Open() {
+    std::unique_ptr<Store> store;
+    std::thread greeter([&] { daemon_->AcceptAndGreet(layout_); });
+    StoreOptions o;
+    o.sidecar.socket = path_;
+    o.sidecar.connect_timeout_ms = 2000;
+    o.sidecar.max_backoff_ms = 20;
+    auto s = Store::Open(o, layout_);
+    greeter.join();
+    EXPECT_TRUE(s.ok()) << s.status().ToString();
+    if (s.ok()) store = std::move(s).value();
+    return store;
+  }
+
+  const ModelLayout layout_ = SmallLayout();
+  testing::TempDir dir_;
+  const std::string path_ = dir_.path() + "/fake.sock";
+  std::unique_ptr<FakeDaemon> daemon_;
+};
+
+TEST_F(ClientFakeDaemonTest, RepliesOutOfOrderAreMatchedByRequestId) {
+  auto store = Open();
+  ASSERT_NE(store, nullptr);
+  const uint64_t bytes = store->block_bytes();
+  const uint32_t n = 4;
+  std::vector<std::vector<std::byte>> out(n, std::vector<std::byte>(bytes));
+  std::vector<std::future<Status>> futures;
+  for (uint32_t i = 0; i < n; ++i) {
+    futures.push_back(store->GetAsync(Key(1, 0, 10 + i), out[i].data(), bytes));
+  }
+  std::vector<Frame> requests(n);
+  for (Frame& f : requests) ASSERT_TRUE(daemon_->Read(&f));
+  // Answer in reverse order; the third request gets an Error frame instead.
+  for (int r = n - 1; r >= 0; --r) {
+    const Frame& f = requests[r];
+    ASSERT_EQ(f.header.opcode, static_cast<uint16_t>(wire::Opcode::kGet));
+    const auto* get = flatbuffers::GetRoot<wire::GetRequest>(f.body.data());
+    ASSERT_EQ(get->keys()->size(), 1u);
+    EXPECT_TRUE(get->slots() == nullptr || get->slots()->size() == 0);  // inline
+    const uint32_t block = get->keys()->Get(0)->block();
+    flatbuffers::FlatBufferBuilder fbb;
+    if (block == 12) {
+      fbb.Finish(wire::CreateStatusReply(
+          fbb, wire::ToWire(fbb, Status::InvalidArgument("scripted refusal"))));
+      daemon_->Write(fbb, wire::Opcode::kError, f.header.request_id);
+      continue;
+    }
+    const std::vector<std::byte> v = BlockFor(bytes, block);
+    auto data = fbb.CreateVector(reinterpret_cast<const uint8_t*>(v.data()), v.size());
+    fbb.Finish(wire::CreateBatchReply(fbb, wire::ToWire(fbb, Status::OK()), 0, data));
+    daemon_->Write(fbb, wire::Opcode::kGet, f.header.request_id);
+  }
+  for (uint32_t i = 0; i < n; ++i) {
+    ASSERT_EQ(futures[i].wait_for(std::chrono::seconds(10)), std::future_status::ready);
+    const Status s = futures[i].get();
+    if (10 + i == 12) {
+      EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+      EXPECT_NE(s.message().find("scripted refusal"), std::string::npos);
+    } else {
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      EXPECT_EQ(out[i], BlockFor(bytes, 10 + i)) << i;
+    }
+  }
+  EXPECT_TRUE(GetSidecarStatus(*store)->connected);  // an Error frame is not fatal
+}
+
+TEST_F(ClientFakeDaemonTest, RequestsLeftUnansweredFailUnavailableWhenTheConnectionCloses) {
+  auto store = Open();
+  ASSERT_NE(store, nullptr);
+  const uint64_t bytes = store->block_bytes();
+  std::vector<std::byte> v = BlockFor(bytes, 1);
+  std::future<Status> put = store->PutAsync(Key(1, 0, 1), v.data(), bytes);
+  std::vector<std::byte> got(bytes);
+  std::future<Status> get = store->GetAsync(Key(1, 0, 2), got.data(), bytes);
+  std::future<Status> flush = std::async(std::launch::async, [&] { return store->Flush(); });
+  std::future<bool> contains =
+      std::async(std::launch::async, [&] { return store->Contains(Key(1, 0, 3)); });
+  for (int i = 0; i < 4; ++i) {
+    Frame f;
+    ASSERT_TRUE(daemon_->Read(&f));
+  }
+  EXPECT_EQ(GetSidecarStatus(*store)->requests_in_flight, 4u);
+  daemon_->CloseClient();
+  for (std::future<Status>* f : {&put, &get, &flush}) {
+    ASSERT_EQ(f->wait_for(std::chrono::seconds(10)), std::future_status::ready);
+    EXPECT_EQ(f->get().code(), StatusCode::kUnavailable);
+  }
+  ASSERT_EQ(contains.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_FALSE(contains.get());
+  ASSERT_TRUE(Eventually([&] { return !GetSidecarStatus(*store)->connected; }));
+  EXPECT_EQ(store->Put(Key(1, 0, 1), v.data(), bytes).code(), StatusCode::kUnavailable);
+  // The client comes back by itself once the daemon answers again.
+  daemon_->AcceptAndGreet(layout_);
+  ASSERT_TRUE(Eventually([&] { return GetSidecarStatus(*store)->connected; }));
+  EXPECT_EQ(GetSidecarStatus(*store)->reconnects, 1u);
+  EXPECT_EQ(GetSidecarStatus(*store)->daemon_version, "fake");
+}
+
+TEST_F(ClientFakeDaemonTest, AHandshakeWithoutAnAnswerIsUnavailableAfterTheTimeout) {
+  std::thread acceptor([&] { daemon_->Accept(); });  // accepts, never answers
+  StoreOptions o;
+  o.sidecar.socket = path_;
+  o.sidecar.connect_timeout_ms = 300;
+  const auto start = std::chrono::steady_clock::now();
+  auto store = Store::Open(o, layout_);
+  const auto waited = std::chrono::steady_clock::now() - start;
+  acceptor.join();
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), StatusCode::kUnavailable) << store.status().ToString();
+  EXPECT_GE(waited, std::chrono::milliseconds(250));
+  EXPECT_LT(waited, std::chrono::seconds(3));
+}
+
+TEST_F(ClientFakeDaemonTest, ARefusalInTheHelloReplyIsTheStatusOfOpen) {
+  std::thread refuser([&] {
+    daemon_->Accept();
+    Frame hello;
+    ASSERT_TRUE(daemon_->Read(&hello));
+    flatbuffers::FlatBufferBuilder fbb;
+    fbb.Finish(wire::CreateHelloReply(
+        fbb, wire::ToWire(fbb, Status::QuotaExceeded("scripted: no more clients"))));
+    daemon_->Write(fbb, wire::Opcode::kHello, hello.header.request_id);
+  });
+  StoreOptions o;
+  o.sidecar.socket = path_;
+  o.sidecar.connect_timeout_ms = 2000;
+  auto store = Store::Open(o, layout_);
+  refuser.join();
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), StatusCode::kQuotaExceeded) << store.status().ToString();
+  EXPECT_NE(store.status().message().find("scripted"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace kvtier
