@@ -6,6 +6,7 @@
 #include "bench/gpu_bench.h"
 #include "bench/host_bench.h"
 #include "bench/retrieval_bench.h"
+#include "bench/sidecar_bench.h"
 #include "bench/verify_bench.h"
 
 int main(int argc, char** argv) {
@@ -17,6 +18,7 @@ int main(int argc, char** argv) {
   kvtier::bench::AddGpuCommand(app, &exit_code);
   kvtier::bench::AddRetrievalCommand(app, &exit_code);
   kvtier::bench::AddVerifyBenchCommand(app, &exit_code);
+  kvtier::bench::AddSidecarCommand(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,585 @@
+// kvtier-bench sidecar. Every process is separate, as in deployment: kvtierd (the real
+// binary, started with a config in a temporary directory), the ping-pong echo peer,
+// redis-server, and the client processes of the throughput phases. Sides alternate,
+// each `--reps` times; the medians are reported.
+//
+// Round trip: one client, one request at a time, blocking reads on both sides.
+//   - ping-pong: 32 bytes each way over a pathname Unix socket (the floor).
+//   - kvtierd, raw frames: a Contains request (the smallest real request), read back.
+//   - kvtierd, through the client library: Store::Contains on a sidecar Store.
+// Throughput: `--clients` processes, each with `--depth` requests in flight on its own
+// connection, for `--seconds`: kvtierd Contains frames against redis GETs of a 5-byte
+// value (RESP), the same clients and depth.
+#include "bench/sidecar_bench.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bench/bench_util.h"
+#include "kvtier/store.h"
+#include "src/server/protocol/codec.h"
+#include "src/server/protocol/frame.h"
+
+namespace kvtier::bench {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+struct SidecarConfig {
+  std::string kvtierd = KVTIER_KVTIERD_PATH;
+  std::string redis = "redis-server";
+  std::string dir = "/tmp";
+  uint32_t round_trips = 20000;
+  uint32_t clients = 8;
+  uint32_t depth = 16;
+  double seconds = 3;
+  uint32_t reps = 3;
+  bool json = false;
+};
+
+// --- Sockets ---------------------------------------------------------------------------
+
+int ConnectUnix(const std::string& path) {
+  const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+bool WriteAll(int fd, const void* data, size_t n) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = write(fd, p, n);
+    if (w <= 0) return false;
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+bool ReadAll(int fd, void* data, size_t n) {
+  char* p = static_cast<char*>(data);
+  while (n > 0) {
+    const ssize_t r = read(fd, p, n);
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool WaitForSocket(const std::string& path, double seconds) {
+  const auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < deadline) {
+    const int fd = ConnectUnix(path);
+    if (fd >= 0) {
+      close(fd);
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int out = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (out >= 0) {
+      dup2(out, 1);
+      dup2(out, 2);
+    }
+    std::vector<char*> args;
+    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execvp(args[0], args.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+void Stop(pid_t pid) {
+  if (pid <= 0) return;
+  kill(pid, SIGTERM);
+  int status = 0;
+  waitpid(pid, &status, 0);
+}
+
+// --- kvtierd frames ----------------------------------------------------------------------
+
+// One connection speaking raw frames: Hello, then Contains requests.
+class WireClient {
+ public:
+  static std::unique_ptr<WireClient> Connect(const std::string& socket, const ModelLayout& layout) {
+    auto c = std::unique_ptr<WireClient>(new WireClient());
+    c->fd_ = ConnectUnix(socket);
+    if (c->fd_ < 0) return nullptr;
+    flatbuffers::FlatBufferBuilder fbb;
+    const auto text = fbb.CreateString(layout.ToString());
+    const auto name = fbb.CreateString("kvtier-bench");
+    wire::HelloRequestBuilder b(fbb);
+    b.add_protocol_version(wire::kProtocolVersion);
+    b.add_layout_fingerprint(layout.Fingerprint());
+    b.add_layout(text);
+    b.add_namespace_id(0);
+    b.add_staging_blocks(0);
+    b.add_client_name(name);
+    fbb.Finish(b.Finish());
+    const std::vector<uint8_t> frame = wire::MakeFrame(fbb, wire::Opcode::kHello, 0, false);
+    if (!WriteAll(c->fd_, frame.data(), frame.size())) return nullptr;
+    // The reply may carry a staging fd (none asked for); read it with recvmsg anyway.
+    uint16_t opcode = 0;
+    uint64_t id = 0;
+    if (!c->ReadReply(&opcode, &id) || opcode != static_cast<uint16_t>(wire::Opcode::kHello)) {
+      return nullptr;
+    }
+    const auto* reply = flatbuffers::GetRoot<wire::HelloReply>(c->body_.data());
+    if (!wire::FromWire(reply->outcome()).ok()) return nullptr;
+    // One Contains request, reused with a new id each time.
+    flatbuffers::FlatBufferBuilder req;
+    const wire::Key key = wire::ToWire(BlockKey{0, SequenceId{0, 42}, 0, 0});
+    const auto keys = req.CreateVectorOfStructs(&key, 1);
+    req.Finish(wire::CreateKeysRequest(req, keys));
+    c->contains_ = wire::MakeFrame(req, wire::Opcode::kContains, 0, false);
+    return c;
+  }
+  ~WireClient() {
+    if (fd_ >= 0) close(fd_);
+  }
+
+  bool SendContains(uint64_t id) {
+    std::memcpy(contains_.data() + 16, &id, sizeof(id));  // request_id, little-endian
+    return WriteAll(fd_, contains_.data(), contains_.size());
+  }
+  // Reads one reply frame (header and body).
+  bool ReadReply(uint16_t* opcode, uint64_t* id) {
+    uint8_t header[wire::kHeaderBytes];
+    if (!Fill(header, sizeof(header))) return false;
+    auto h =
+        wire::DecodeHeader(std::span<const uint8_t, wire::kHeaderBytes>(header, wire::kHeaderBytes),
+                           wire::kDefaultMaxFrameBytes, true);
+    if (!h.ok()) return false;
+    body_.resize(h->body_bytes);
+    if (!Fill(body_.data(), body_.size())) return false;
+    *opcode = h->opcode;
+    *id = h->request_id;
+    return true;
+  }
+
+ private:
+  WireClient() = default;
+  // Buffered reads: many pipelined replies arrive in one read.
+  bool Fill(uint8_t* out, size_t n) {
+    while (n > 0) {
+      if (pos_ == len_) {
+        const ssize_t r = read(fd_, buffer_, sizeof(buffer_));
+        if (r <= 0) return false;
+        pos_ = 0;
+        len_ = static_cast<size_t>(r);
+      }
+      const size_t take = std::min(n, len_ - pos_);
+      std::memcpy(out, buffer_ + pos_, take);
+      pos_ += take;
+      out += take;
+      n -= take;
+    }
+    return true;
+  }
+
+  int fd_ = -1;
+  std::vector<uint8_t> contains_;
+  std::vector<uint8_t> body_;
+  uint8_t buffer_[65536];
+  size_t pos_ = 0;
+  size_t len_ = 0;
+};
+
+// --- Round trips ---------------------------------------------------------------------
+
+struct Percentiles {
+  double p50_us = 0;
+  double p99_us = 0;
+};
+
+Percentiles Summarize(std::vector<double> us) {
+  if (us.empty()) return {};
+  std::sort(us.begin(), us.end());
+  return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
+}
+
+// The echo peer: a child process answering 32-byte messages on a Unix socket.
+pid_t StartEcho(const std::string& path) {
+  unlink(path.c_str());
+  const int listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  if (bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      listen(listener, 16) != 0) {
+    close(listener);
+    return -1;
+  }
+  const pid_t pid = fork();
+  if (pid == 0) {
+    for (;;) {
+      const int fd = accept(listener, nullptr, nullptr);
+      if (fd < 0) _exit(0);
+      char msg[32];
+      while (ReadAll(fd, msg, sizeof(msg)) && WriteAll(fd, msg, sizeof(msg))) {
+      }
+      close(fd);
+    }
+  }
+  close(listener);
+  return pid;
+}
+
+Percentiles PingPong(const std::string& path, uint32_t n) {
+  const int fd = ConnectUnix(path);
+  if (fd < 0) return {};
+  std::vector<double> us;
+  us.reserve(n);
+  char msg[32] = {1, 2, 3};
+  for (uint32_t i = 0; i < n; ++i) {
+    const auto t0 = Clock::now();
+    if (!WriteAll(fd, msg, sizeof(msg)) || !ReadAll(fd, msg, sizeof(msg))) break;
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  close(fd);
+  return Summarize(std::move(us));
+}
+
+Percentiles WireRoundTrips(const std::string& socket, const ModelLayout& layout, uint32_t n) {
+  auto c = WireClient::Connect(socket, layout);
+  if (c == nullptr) return {};
+  std::vector<double> us;
+  us.reserve(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    uint16_t op = 0;
+    uint64_t id = 0;
+    const auto t0 = Clock::now();
+    if (!c->SendContains(i + 1) || !c->ReadReply(&op, &id) || id != i + 1) break;
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  return Summarize(std::move(us));
+}
+
+Percentiles LibraryRoundTrips(const std::string& socket, const ModelLayout& layout, uint32_t n) {
+  StoreOptions options;
+  options.sidecar.socket = socket;
+  options.sidecar.staging_blocks = 1;
+  auto store = Store::Open(options, layout);
+  if (!store.ok()) {
+    std::fprintf(stderr, "sidecar: client library: %s\n", store.status().ToString().c_str());
+    return {};
+  }
+  std::vector<double> us;
+  us.reserve(n);
+  const BlockKey key{0, SequenceId{0, 42}, 0, 0};
+  for (uint32_t i = 0; i < n; ++i) {
+    const auto t0 = Clock::now();
+    (void)(*store)->Contains(key);
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+  }
+  return Summarize(std::move(us));
+}
+
+// --- Throughput ----------------------------------------------------------------------
+
+// Runs `clients` child processes of `body(deadline) -> replies`, released together;
+// returns replies per second over all of them (0 when one failed).
+template <typename Body>
+double ForkClients(uint32_t clients, double seconds, Body body) {
+  int go[2];
+  if (pipe(go) != 0) return 0;
+  std::vector<std::pair<pid_t, int>> children;
+  for (uint32_t i = 0; i < clients; ++i) {
+    int result[2];
+    if (pipe(result) != 0) return 0;
+    const pid_t pid = fork();
+    if (pid == 0) {
+      close(go[1]);
+      close(result[0]);
+      char c;
+      if (read(go[0], &c, 1) != 1) _exit(1);
+      const uint64_t replies = body(seconds);
+      (void)!write(result[1], &replies, sizeof(replies));
+      _exit(0);
+    }
+    close(result[1]);
+    children.emplace_back(pid, result[0]);
+  }
+  close(go[0]);
+  const std::string release(clients, 'g');
+  const auto t0 = Clock::now();
+  (void)!write(go[1], release.data(), release.size());
+  close(go[1]);
+  uint64_t total = 0;
+  bool ok = true;
+  for (auto& [pid, fd] : children) {
+    uint64_t replies = 0;
+    ok = ReadAll(fd, &replies, sizeof(replies)) && ok;
+    total += replies;
+    close(fd);
+    int status = 0;
+    waitpid(pid, &status, 0);
+  }
+  const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+  return ok && total > 0 ? static_cast<double>(total) / elapsed : 0;
+}
+
+uint64_t SidecarClient(const std::string& socket, const ModelLayout& layout, uint32_t depth,
+                       double seconds) {
+  auto c = WireClient::Connect(socket, layout);
+  if (c == nullptr) return 0;
+  uint64_t sent = 0;
+  uint64_t replies = 0;
+  for (; sent < depth; ++sent) {
+    if (!c->SendContains(sent + 1)) return 0;
+  }
+  const auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+  uint16_t op = 0;
+  uint64_t id = 0;
+  while (Clock::now() < deadline) {
+    if (!c->ReadReply(&op, &id)) return 0;
+    ++replies;
+    if (!c->SendContains(++sent)) return 0;
+  }
+  return replies;
+}
+
+uint64_t RedisClient(const std::string& socket, uint32_t depth, double seconds) {
+  const int fd = ConnectUnix(socket);
+  if (fd < 0) return 0;
+  static constexpr char kGet[] = "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+  static constexpr size_t kReplyBytes = 11;  // "$5\r\nhello\r\n"
+  for (uint32_t i = 0; i < depth; ++i) {
+    if (!WriteAll(fd, kGet, sizeof(kGet) - 1)) return 0;
+  }
+  const auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+  uint64_t replies = 0;
+  size_t partial = 0;  // bytes of an incomplete reply already read
+  char buffer[65536];
+  while (Clock::now() < deadline) {
+    const ssize_t r = read(fd, buffer, sizeof(buffer));
+    if (r <= 0) return 0;
+    const size_t bytes = partial + static_cast<size_t>(r);
+    const size_t complete = bytes / kReplyBytes;
+    partial = bytes % kReplyBytes;
+    replies += complete;
+    for (size_t i = 0; i < complete; ++i) {
+      if (!WriteAll(fd, kGet, sizeof(kGet) - 1)) return 0;
+    }
+  }
+  close(fd);
+  return replies;
+}
+
+bool RedisSet(const std::string& socket) {
+  const int fd = ConnectUnix(socket);
+  if (fd < 0) return false;
+  static constexpr char kSet[] = "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n";
+  char reply[5];
+  const bool ok = WriteAll(fd, kSet, sizeof(kSet) - 1) && ReadAll(fd, reply, sizeof(reply)) &&
+                  std::memcmp(reply, "+OK\r\n", 5) == 0;
+  close(fd);
+  return ok;
+}
+
+bool Executable(const std::string& name) {
+  if (name.find('/') != std::string::npos) return access(name.c_str(), X_OK) == 0;
+  const char* path = std::getenv("PATH");
+  std::string dirs = path != nullptr ? path : "/usr/bin:/bin";
+  for (size_t start = 0; start <= dirs.size();) {
+    const size_t end = std::min(dirs.find(':', start), dirs.size());
+    if (access((dirs.substr(start, end - start) + "/" + name).c_str(), X_OK) == 0) return true;
+    start = end + 1;
+  }
+  return false;
+}
+
+int RunSidecarBench(const SidecarConfig& config) {
+  signal(SIGPIPE, SIG_IGN);
+  char pattern[] = "kvtier-sidecar-XXXXXX";
+  const std::string dir_template = (fs::path(config.dir) / pattern).string();
+  std::vector<char> buf(dir_template.begin(), dir_template.end());
+  buf.push_back('\0');
+  if (mkdtemp(buf.data()) == nullptr) {
+    std::fprintf(stderr, "sidecar: cannot create a directory in %s\n", config.dir.c_str());
+    return 1;
+  }
+  const fs::path dir(buf.data());
+  const ModelLayout layout = ModelLayout::Llama3_8B();
+  const std::string socket = (dir / "kvtierd.sock").string();
+  {
+    std::ofstream toml(dir / "kvtierd.toml");
+    toml << "[store]\ndirectory = \"" << (dir / "store").string()
+         << "\"\nhost_capacity = \"64MiB\"\ndisk_capacity = \"256MiB\"\n"
+         << "[layout]\npreset = \"llama3-8b\"\n[server]\nsocket = \"" << socket
+         << "\"\n[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n";
+  }
+  const pid_t daemon = Spawn({config.kvtierd, "--config", (dir / "kvtierd.toml").string()},
+                             (dir / "kvtierd.log").string());
+  if (!WaitForSocket(socket, 30)) {
+    std::fprintf(stderr, "sidecar: kvtierd (%s) did not come up; see %s\n", config.kvtierd.c_str(),
+                 (dir / "kvtierd.log").c_str());
+    Stop(daemon);
+    return 1;
+  }
+  const std::string echo_socket = (dir / "echo.sock").string();
+  const pid_t echo = StartEcho(echo_socket);
+
+  // Round trips, sides alternating.
+  std::vector<double> ping50, ping99, wire50, wire99, lib50, lib99;
+  for (uint32_t rep = 0; rep < config.reps; ++rep) {
+    const Percentiles p = PingPong(echo_socket, config.round_trips);
+    const Percentiles w = WireRoundTrips(socket, layout, config.round_trips);
+    const Percentiles l = LibraryRoundTrips(socket, layout, config.round_trips);
+    ping50.push_back(p.p50_us);
+    ping99.push_back(p.p99_us);
+    wire50.push_back(w.p50_us);
+    wire99.push_back(w.p99_us);
+    lib50.push_back(l.p50_us);
+    lib99.push_back(l.p99_us);
+    std::printf(
+        "rep %u round trip p50/p99 us: ping-pong %.1f/%.1f  kvtierd %.1f/%.1f  "
+        "kvtierd via client library %.1f/%.1f\n",
+        rep, p.p50_us, p.p99_us, w.p50_us, w.p99_us, l.p50_us, l.p99_us);
+  }
+  Stop(echo);
+
+  // Throughput, sides alternating.
+  const bool have_redis = Executable(config.redis);
+  pid_t redis = -1;
+  const std::string redis_socket = (dir / "redis.sock").string();
+  if (have_redis) {
+    redis = Spawn({config.redis, "--port", "0", "--unixsocket", redis_socket, "--unixsocketperm",
+                   "700", "--save", "", "--appendonly", "no", "--dir", dir.string()},
+                  (dir / "redis.log").string());
+    if (!WaitForSocket(redis_socket, 10) || !RedisSet(redis_socket)) {
+      std::fprintf(stderr, "sidecar: redis-server did not come up; see %s\n",
+                   (dir / "redis.log").c_str());
+      Stop(redis);
+      redis = -1;
+    }
+  } else {
+    std::printf("redis-server not found (%s): the throughput peer is skipped\n",
+                config.redis.c_str());
+  }
+  std::vector<double> sidecar_rps, redis_rps;
+  for (uint32_t rep = 0; rep < config.reps; ++rep) {
+    sidecar_rps.push_back(ForkClients(config.clients, config.seconds, [&](double s) {
+      return SidecarClient(socket, layout, config.depth, s);
+    }));
+    if (redis > 0) {
+      redis_rps.push_back(ForkClients(config.clients, config.seconds, [&](double s) {
+        return RedisClient(redis_socket, config.depth, s);
+      }));
+    }
+    std::printf("rep %u pipelined (%u clients x %u in flight) requests/s: kvtierd %.0f  redis %s\n",
+                rep, config.clients, config.depth, sidecar_rps.back(),
+                redis > 0 ? std::to_string(static_cast<uint64_t>(redis_rps.back())).c_str() : "-");
+  }
+  Stop(redis);
+  Stop(daemon);
+
+  const double p50 = Median(ping50), p99 = Median(ping99);
+  const double w50 = Median(wire50), w99 = Median(wire99);
+  const double l50 = Median(lib50), l99 = Median(lib99);
+  const double s_rps = Median(sidecar_rps), r_rps = Median(redis_rps);
+  std::printf("medians of %u reps:\n", config.reps);
+  std::printf(
+      "  round trip p50: kvtierd %.1f us, ping-pong %.1f us: %.2fx (target <= 1.5x); "
+      "client library %.1f us: %.2fx\n",
+      w50, p50, w50 / p50, l50, l50 / p50);
+  std::printf(
+      "  round trip p99: kvtierd %.1f us, ping-pong %.1f us: %.2fx (target <= 2x); "
+      "client library %.1f us: %.2fx\n",
+      w99, p99, w99 / p99, l99, l99 / p99);
+  if (r_rps > 0) {
+    std::printf("  pipelined: kvtierd %.0f/s, redis %.0f/s: %.2fx (target >= 0.5x)\n", s_rps, r_rps,
+                s_rps / r_rps);
+  }
+  if (config.json) {
+    JsonLine j;
+    j.Add("bench", "sidecar");
+    j.Add("reps", config.reps);
+    j.Add("round_trips", config.round_trips);
+    j.Add("pingpong_p50_us", p50);
+    j.Add("pingpong_p99_us", p99);
+    j.Add("kvtierd_p50_us", w50);
+    j.Add("kvtierd_p99_us", w99);
+    j.Add("kvtierd_p50_ratio", w50 / p50);
+    j.Add("kvtierd_p99_ratio", w99 / p99);
+    j.Add("client_p50_us", l50);
+    j.Add("client_p99_us", l99);
+    j.Add("client_p50_ratio", l50 / p50);
+    j.Add("client_p99_ratio", l99 / p99);
+    j.Add("clients", config.clients);
+    j.Add("depth", config.depth);
+    j.Add("kvtierd_requests_per_s", s_rps);
+    j.Add("redis_requests_per_s", r_rps);
+    j.Add("throughput_ratio", r_rps > 0 ? s_rps / r_rps : 0.0);
+    std::printf("%s\n", j.str().c_str());
+  }
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+  const bool ok = w50 > 0 && s_rps > 0;
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+
+void AddSidecarCommand(CLI::App& app, int* exit_code) {
+  auto config = std::make_shared<SidecarConfig>();
+  CLI::App* cmd =
+      app.add_subcommand("sidecar",
+                         "kvtierd's round trip against a raw socket ping-pong, its pipelined "
+                         "throughput against redis-server");
+  cmd->add_option("--kvtierd", config->kvtierd, "The kvtierd binary")->capture_default_str();
+  cmd->add_option("--redis-server", config->redis, "The redis-server binary (skipped if absent)")
+      ->capture_default_str();
+  cmd->add_option("--dir", config->dir, "Where the temporary store and sockets go")
+      ->capture_default_str();
+  cmd->add_option("--round-trips", config->round_trips, "Round trips per side and rep")
+      ->capture_default_str()
+      ->check(CLI::Range(100u, 10000000u));
+  cmd->add_option("--clients", config->clients, "Client processes (throughput)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 256u));
+  cmd->add_option("--depth", config->depth, "Requests in flight per client")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 1024u));
+  cmd->add_option("--seconds", config->seconds, "Seconds per throughput phase")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 600.0));
+  cmd->add_option("--reps", config->reps, "Repetitions (sides alternate)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100u));
+  cmd->add_flag("--json", config->json, "Print one JSON object last");
+  cmd->callback([config, exit_code] { *exit_code = RunSidecarBench(*config); });
+}
+
+}  // namespace kvtier::bench
