@@ -1,15 +1,16 @@
 # kvtierd as a program: its config and metrics (in-process), the binary as a process
 # (start, SIGTERM, SIGKILL under load, killed clients, eight clients at once), and the
 # README's sidecar example against a running kvtierd. Included by tests/CMakeLists.txt.
-if(TARGET kvtierd)
+if(TARGET kvtierd AND TARGET kvtier_cli)
   add_executable(kvtier_daemon_tests daemon_config_test.cc daemon_process_test.cc)
   target_include_directories(kvtier_daemon_tests PRIVATE ${PROJECT_SOURCE_DIR}
                                                          ${KVTIER_GENERATED_DIR})
   target_link_libraries(kvtier_daemon_tests PRIVATE kvtier_daemon kvtier_server kvtier
                                                     GTest::gtest GTest::gtest_main)
   target_compile_definitions(kvtier_daemon_tests PRIVATE
-    KVTIER_SOURCE_DIR="${PROJECT_SOURCE_DIR}" KVTIER_KVTIERD="$<TARGET_FILE:kvtierd>")
-  add_dependencies(kvtier_daemon_tests kvtierd)
+    KVTIER_SOURCE_DIR="${PROJECT_SOURCE_DIR}" KVTIER_KVTIERD="$<TARGET_FILE:kvtierd>"
+    KVTIER_TOOL="$<TARGET_FILE:kvtier_cli>")
+  add_dependencies(kvtier_daemon_tests kvtierd kvtier_cli)
   gtest_discover_tests(kvtier_daemon_tests DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 180)
 
   set(KVTIER_SIDECAR_EXAMPLE ${CMAKE_CURRENT_BINARY_DIR}/readme_example/sidecar_example.cc)

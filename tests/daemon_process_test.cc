@@ -194,6 +194,35 @@ TEST_F(DaemonProcessTest, OneDaemonPerDirectoryAndConfigChecks) {
             std::string::npos);
 }
 
+// `kvtier stats --connect`: the daemon's counters, the layout read from the store
+// directory (read-only, while the daemon holds it); a socket with no daemon is exit 2.
+TEST_F(DaemonProcessTest, KvtierStatsConnectPrintsTheDaemonsCounters) {
+  Daemon d(dir_);
+  ASSERT_TRUE(d.Start());
+  auto store = Connect(d);
+  ASSERT_NE(store, nullptr);
+  const uint64_t bytes = store->block_bytes();
+  for (uint32_t i = 0; i < 3; ++i) {
+    const BlockKey k = Key(4, 0, i);
+    ASSERT_TRUE(store->Put(k, MakeBlock(bytes, k, 1).data(), bytes).ok());
+  }
+  ASSERT_TRUE(store->Flush().ok());
+  const std::string out = (dir_ / "stats.json").string();
+  ASSERT_EQ(Daemon::RunToEnd({KVTIER_TOOL, "stats", "--connect", d.socket(), "--dir",
+                              (dir_ / "store").string(), "--json"},
+                             out),
+            0);
+  std::ifstream in(out);
+  const std::string json(std::istreambuf_iterator<char>(in), {});
+  EXPECT_NE(json.find("\"ok\":true"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"puts\":3,"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"disk_blocks\":3,"), std::string::npos) << json;
+  EXPECT_EQ(Daemon::RunToEnd({KVTIER_TOOL, "stats", "--connect", (dir_ / "nobody.sock").string(),
+                              "--layout", "llama3-8b"},
+                             (dir_ / "stats2.log").string()),
+            2);
+}
+
 // SIGKILL of the daemon while a client writes: a batch is acknowledged durable once its
 // Puts and a Flush after them returned OK. After a restart every acknowledged block is
 // back byte-exact, and the same client Store reconnects by itself.

@@ -34,6 +34,8 @@ namespace kvtier::tools {
 // Each registers its subcommand; when it runs, its exit status lands in *exit_code.
 void AddInfoCommand(CLI::App& app, int* exit_code);
 void AddLsCommand(CLI::App& app, int* exit_code);
+// `kvtier stats --connect SOCKET`: a running kvtierd's counters (tools/stats.cc).
+void AddStatsCommand(CLI::App& app, int* exit_code);
 void AddVerifyCommand(CLI::App& app, int* exit_code);
 void AddExportCommand(CLI::App& app, int* exit_code);
 

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   kvtier::tools::AddEvalCommand(app, &exit_code);
   kvtier::tools::AddInfoCommand(app, &exit_code);
   kvtier::tools::AddLsCommand(app, &exit_code);
+  kvtier::tools::AddStatsCommand(app, &exit_code);
   kvtier::tools::AddVerifyCommand(app, &exit_code);
   kvtier::tools::AddExportCommand(app, &exit_code);
   kvtier::tools::AddImportCommand(app, &exit_code);
