@@ -9,7 +9,7 @@
 //   - kvtierd, through the client library: Store::Contains on a sidecar Store.
 // Throughput: `--clients` processes, each with `--depth` requests in flight on its own
 // connection, for `--seconds`: kvtierd Contains frames against redis GETs of a 5-byte
-// value (RESP), the same clients and depth.
+// value (RESP), the same clients and depth (skipped with --no-throughput).
 #include "bench/sidecar_bench.h"
 
 #include <fcntl.h>
@@ -51,6 +51,7 @@ struct SidecarConfig {
   uint32_t depth = 16;
   double seconds = 3;
   uint32_t reps = 3;
+  bool throughput = true;  // false: the round trips only
   bool json = false;
 };
 
@@ -471,7 +472,7 @@ int RunSidecarBench(const SidecarConfig& config) {
   Stop(echo);
 
   // Throughput, sides alternating.
-  const bool have_redis = Executable(config.redis);
+  const bool have_redis = config.throughput && Executable(config.redis);
   pid_t redis = -1;
   const std::string redis_socket = (dir / "redis.sock").string();
   if (have_redis) {
@@ -484,12 +485,12 @@ int RunSidecarBench(const SidecarConfig& config) {
       Stop(redis);
       redis = -1;
     }
-  } else {
+  } else if (config.throughput) {
     std::printf("redis-server not found (%s): the throughput peer is skipped\n",
                 config.redis.c_str());
   }
   std::vector<double> sidecar_rps, redis_rps;
-  for (uint32_t rep = 0; rep < config.reps; ++rep) {
+  for (uint32_t rep = 0; config.throughput && rep < config.reps; ++rep) {
     sidecar_rps.push_back(ForkClients(config.clients, config.seconds, [&](double s) {
       return SidecarClient(socket, layout, config.depth, s);
     }));
@@ -546,7 +547,7 @@ int RunSidecarBench(const SidecarConfig& config) {
   }
   std::error_code ec;
   fs::remove_all(dir, ec);
-  const bool ok = w50 > 0 && s_rps > 0;
+  const bool ok = w50 > 0 && l50 > 0 && (s_rps > 0 || !config.throughput);
   return ok ? 0 : 1;
 }
 
@@ -578,6 +579,8 @@ void AddSidecarCommand(CLI::App& app, int* exit_code) {
   cmd->add_option("--reps", config->reps, "Repetitions (sides alternate)")
       ->capture_default_str()
       ->check(CLI::Range(1u, 100u));
+  cmd->add_flag("!--no-throughput", config->throughput,
+                "Measure the round trips only (ping-pong, raw frames, client library)");
   cmd->add_flag("--json", config->json, "Print one JSON object last");
   cmd->callback([config, exit_code] { *exit_code = RunSidecarBench(*config); });
 }

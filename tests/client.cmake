@@ -12,5 +12,7 @@ if(TARGET kvtier_server)
   target_include_directories(kvtier_client_tests SYSTEM PRIVATE ${KVTIER_FLATBUFFERS_INCLUDE_DIR})
   target_link_libraries(kvtier_client_tests PRIVATE kvtier kvtier_server GTest::gtest
                                                     GTest::gtest_main)
-  gtest_discover_tests(kvtier_client_tests DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 120)
+  # Label tsan: run by the ThreadSanitizer phase of tools/test.sh.
+  gtest_discover_tests(kvtier_client_tests DISCOVERY_TIMEOUT 60
+                       PROPERTIES TIMEOUT 120 LABELS tsan)
 endif()

@@ -104,16 +104,25 @@ std::vector<std::byte> BlockFor(uint64_t bytes, uint32_t block) {
   return v;
 }
 
+// Answers a Flush request with OK.
+void AnswerFlush(FakeDaemon& daemon, const Frame& f) {
+  ASSERT_EQ(f.header.opcode, static_cast<uint16_t>(wire::Opcode::kFlush));
+  flatbuffers::FlatBufferBuilder fbb;
+  fbb.Finish(wire::CreateStatusReply(fbb, wire::ToWire(fbb, Status::OK())));
+  daemon.Write(fbb, wire::Opcode::kFlush, f.header.request_id);
+}
+
 class ClientFakeDaemonTest : public ::testing::Test {
  protected:
   void SetUp() override { daemon_ = std::make_unique<FakeDaemon>(path_); }
-  std::unique_ptr<Store> Open() {
+  std::unique_ptr<Store> Open(uint32_t request_timeout_ms = 30000) {
     std::unique_ptr<Store> store;
     std::thread greeter([&] { daemon_->AcceptAndGreet(layout_); });
     StoreOptions o;
     o.sidecar.socket = path_;
     o.sidecar.connect_timeout_ms = 2000;
     o.sidecar.max_backoff_ms = 20;
+    o.sidecar.request_timeout_ms = request_timeout_ms;
     auto s = Store::Open(o, layout_);
     greeter.join();
     EXPECT_TRUE(s.ok()) << s.status().ToString();
@@ -203,6 +212,68 @@ TEST_F(ClientFakeDaemonTest, RequestsLeftUnansweredFailUnavailableWhenTheConnect
   ASSERT_TRUE(Eventually([&] { return GetSidecarStatus(*store)->connected; }));
   EXPECT_EQ(GetSidecarStatus(*store)->reconnects, 1u);
   EXPECT_EQ(GetSidecarStatus(*store)->daemon_version, "fake");
+}
+
+TEST_F(ClientFakeDaemonTest, ARequestWithoutAReplyTimesOutAndTheClientReconnects) {
+  auto store = Open(/*request_timeout_ms=*/300);
+  ASSERT_NE(store, nullptr);
+  const uint64_t bytes = store->block_bytes();
+  // An asynchronous Get in flight alongside: it fails with the same status.
+  std::vector<std::byte> got(bytes);
+  std::future<Status> get = store->GetAsync(Key(1, 0, 2), got.data(), bytes);
+  std::future<Status> flush = std::async(std::launch::async, [&] {
+    const auto start = std::chrono::steady_clock::now();
+    Status s = store->Flush();
+    const auto waited = std::chrono::steady_clock::now() - start;
+    EXPECT_GE(waited, std::chrono::milliseconds(250));
+    EXPECT_LT(waited, std::chrono::seconds(3));
+    return s;
+  });
+  for (int i = 0; i < 2; ++i) {
+    Frame f;
+    ASSERT_TRUE(daemon_->Read(&f));  // and never answered
+  }
+  ASSERT_EQ(flush.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  const Status s = flush.get();
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+  EXPECT_NE(s.message().find("no reply to"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("within 300 ms; dropped the connection"), std::string::npos)
+      << s.ToString();
+  ASSERT_EQ(get.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_EQ(get.get().code(), StatusCode::kUnavailable);
+  // The client dropped the connection: the daemon sees it closed.
+  Frame none;
+  EXPECT_FALSE(daemon_->Read(&none));
+  daemon_->CloseClient();
+  // It reconnects, and the next call works.
+  daemon_->AcceptAndGreet(layout_);
+  ASSERT_TRUE(Eventually([&] { return GetSidecarStatus(*store)->connected; }));
+  EXPECT_EQ(GetSidecarStatus(*store)->reconnects, 1u);
+  std::thread answer([&] {
+    Frame f;
+    ASSERT_TRUE(daemon_->Read(&f));
+    AnswerFlush(*daemon_, f);
+  });
+  EXPECT_TRUE(store->Flush().ok());
+  answer.join();
+}
+
+TEST_F(ClientFakeDaemonTest, ASlowReplyWithinTheTimeoutIsNotCut) {
+  auto store = Open(/*request_timeout_ms=*/1000);
+  ASSERT_NE(store, nullptr);
+  for (int i = 0; i < 2; ++i) {
+    std::thread answer([&] {
+      Frame f;
+      ASSERT_TRUE(daemon_->Read(&f));
+      std::this_thread::sleep_for(std::chrono::milliseconds(400));
+      AnswerFlush(*daemon_, f);
+    });
+    const Status s = store->Flush();
+    answer.join();
+    EXPECT_TRUE(s.ok()) << s.ToString();
+  }
+  EXPECT_TRUE(GetSidecarStatus(*store)->connected);
+  EXPECT_EQ(GetSidecarStatus(*store)->reconnects, 0u);
 }
 
 TEST_F(ClientFakeDaemonTest, AHandshakeWithoutAnAnswerIsUnavailableAfterTheTimeout) {

@@ -219,7 +219,7 @@ Result<std::shared_ptr<Connection>> Connection::Open(const SidecarOptions& optio
   if (!fd.ok()) return fd.status();
   std::shared_ptr<Connection> c(new Connection(*fd, peer));
   KVTIER_RETURN_IF_ERROR(c->Handshake(options, layout, unix_socket, deadline, cancel));
-  // From here on the socket blocks: the reader sleeps in recv, senders in send.
+  // From here on the socket blocks: a reader sleeps in recv, senders in send.
   const int flags = ::fcntl(c->fd_, F_GETFL);
   if (flags < 0 || ::fcntl(c->fd_, F_SETFL, flags & ~O_NONBLOCK) != 0) {
     return Unavailable(peer, "fcntl", errno);

@@ -3,8 +3,9 @@
 // request ids and what the replies mean.
 //
 // Threading: Send may be called from any number of threads (a mutex keeps frames whole);
-// ReadFrame from one thread at a time (the client's reader); Shutdown from any thread,
-// at any time, to wake both. The staging area stays mapped while the object lives.
+// ReadFrame and read_body() from one thread at a time (whoever holds the client's reading
+// role); Shutdown from any thread, at any time, to wake both. The staging area stays
+// mapped while the object lives.
 #ifndef KVTIER_CLIENT_CONNECTION_H_
 #define KVTIER_CLIENT_CONNECTION_H_
 
@@ -49,8 +50,15 @@ class Connection {
   // decoded (the stream cannot be resynchronized: drop the connection).
   Status ReadFrame(wire::FrameHeader* header, std::vector<uint8_t>* body);
 
-  // Shuts the socket down both ways: ReadFrame and Send return Unavailable from now on.
+  // Shuts the socket down both ways: ReadFrame and Send return Unavailable from now on,
+  // and a poll() on fd() reports a hang-up.
   void Shutdown();
+
+  // The socket, for poll() only (for a hang-up: reading it is ReadFrame's job).
+  int fd() const { return fd_; }
+  // A buffer for the bodies that ReadFrame reads, reused from frame to frame; the same
+  // one-thread-at-a-time rule as ReadFrame.
+  std::vector<uint8_t>& read_body() { return read_body_; }
 
   // What the daemon granted. staging() is null when block bytes travel inline (TCP, or
   // no slots granted); slot i is staging_slot_bytes() bytes at staging() + i * that.
@@ -77,6 +85,7 @@ class Connection {
   uint64_t staging_slot_bytes_ = 0;
   uint32_t max_frame_bytes_ = wire::kDefaultMaxFrameBytes;
   std::string daemon_version_;
+  std::vector<uint8_t> read_body_;
 };
 
 }  // namespace kvtier::client

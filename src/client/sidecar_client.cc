@@ -1,5 +1,10 @@
 #include "src/client/sidecar_client.h"
 
+#include <errno.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -8,8 +13,6 @@
 #include "src/util/log.h"
 
 namespace kvtier::client {
-
-using Clock = std::chrono::steady_clock;
 
 // A chunk of a transfer in flight: members (indices into the transfer) and the slots
 // their bytes are in, on the connection of `generation`.
@@ -47,13 +50,16 @@ uint64_t MembersPerFrame(const Connection& c, uint64_t block_bytes) {
 }  // namespace
 
 SidecarClient::SidecarClient(const SidecarOptions& options, const ModelLayout& layout,
-                             std::shared_ptr<Connection> connection)
-    : options_(options), layout_(layout), block_bytes_(layout.BytesPerBlock()) {
+                             std::shared_ptr<Connection> connection, int event_fd)
+    : options_(options),
+      layout_(layout),
+      block_bytes_(layout.BytesPerBlock()),
+      event_fd_(event_fd) {
   {
     MutexLock lock(&mu_);
     Install(std::move(connection));
   }
-  reader_ = std::thread([this] { ReaderLoop(); });
+  background_ = std::thread([this] { BackgroundLoop(); });
   dispatcher_ = std::thread([this] { DispatcherLoop(); });
 }
 
@@ -80,7 +86,13 @@ Result<std::unique_ptr<SidecarClient>> SidecarClient::Connect(const SidecarOptio
                                     std::to_string(conn.max_frame_bytes()) +
                                     " bytes, and block bytes travel inline over " + conn.peer());
       }
-      return std::unique_ptr<SidecarClient>(new SidecarClient(options, layout, std::move(*c)));
+      const int event_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+      if (event_fd < 0) {
+        return Status::Internal(std::string("eventfd for the sidecar client: ") +
+                                std::strerror(errno));
+      }
+      return std::unique_ptr<SidecarClient>(
+          new SidecarClient(options, layout, std::move(*c), event_fd));
     }
     const Status& s = c.status();
     if (s.code() != StatusCode::kUnavailable) return s;
@@ -99,7 +111,8 @@ Result<std::unique_ptr<SidecarClient>> SidecarClient::Connect(const SidecarOptio
 
 SidecarClient::~SidecarClient() {
   {
-    // Let what is in flight finish while the daemon is there, for a bounded time.
+    // Let what is in flight finish while the daemon is there, for a bounded time (the
+    // background thread reads the replies).
     MutexLock lock(&mu_);
     const auto deadline = Clock::now() + std::chrono::milliseconds(options_.connect_timeout_ms);
     while (connection_ != nullptr && (!pending_.empty() || !waiting_.empty()) &&
@@ -108,16 +121,21 @@ SidecarClient::~SidecarClient() {
     }
     stopping_ = true;
     if (connection_ != nullptr) connection_->Shutdown();
+    KickLocked();
   }
   closing_ = true;
   cv_.notify_all();
-  reader_.join();
+  dispatch_cv_.notify_all();
+  background_.join();
   dispatcher_.join();
+  ::close(event_fd_);
 }
 
 void SidecarClient::Install(std::shared_ptr<Connection> connection) {
   connection_ = std::move(connection);
   ++generation_;
+  failed_ = Status::OK();
+  hangup_generation_ = 0;
   total_slots_ =
       connection_->staging() != nullptr ? connection_->staging_blocks() : options_.staging_blocks;
   free_slots_.clear();
@@ -129,12 +147,14 @@ void SidecarClient::Install(std::shared_ptr<Connection> connection) {
 // --- Requests and replies -------------------------------------------------------------
 
 void SidecarClient::Send(wire::Opcode opcode, std::span<const uint8_t> body, ReplyHandler handler,
-                         uint64_t generation) {
+                         uint64_t generation, bool caller_waits) {
   std::shared_ptr<Connection> connection;
   uint64_t id = 0;
+  uint64_t sent_generation = 0;
   Status refused;
   {
     MutexLock lock(&mu_);
+    if (caller_waits) ++waiters_;
     if (stopping_) {
       refused = Status::Cancelled("the store is closing");
     } else if (connection_ == nullptr || (generation != 0 && generation != generation_)) {
@@ -142,17 +162,30 @@ void SidecarClient::Send(wire::Opcode opcode, std::span<const uint8_t> body, Rep
     } else {
       id = next_request_id_++;
       connection = connection_;
-      pending_.emplace(id, Pending{opcode, std::move(handler)});
+      sent_generation = generation_;
+      const Clock::time_point deadline =
+          options_.request_timeout_ms == 0
+              ? Clock::time_point::max()
+              : Clock::now() + std::chrono::milliseconds(options_.request_timeout_ms);
+      pending_.emplace_hint(pending_.end(), id, Pending{opcode, std::move(handler), deadline});
+      if (reader_generation_ != generation_) {
+        if (waiters_ == 0) {
+          KickLocked();  // nobody to read the reply: the background thread does
+        } else if (!caller_waits) {
+          cv_.notify_all();  // a caller may wait with nothing to read until now
+        }
+      }
     }
   }
   if (!refused.ok()) {
     handler(refused, {});
     return;
   }
-  if (!connection->Send(opcode, id, body).ok()) {
-    // The reader sees the broken socket too and fails every pending request, this one
-    // included.
-    connection->Shutdown();
+  Status sent = connection->Send(opcode, id, body);
+  if (!sent.ok()) {
+    // Fails every pending request, this one included.
+    MutexLock lock(&mu_);
+    FailLocked(sent_generation, std::move(sent));
   }
 }
 
@@ -166,14 +199,16 @@ Status SidecarClient::Call(wire::Opcode opcode, const flatbuffers::FlatBufferBui
                            const std::function<Status(std::span<const uint8_t>)>& parse) {
   bool done = false;
   Status result;
-  Send(opcode, std::span<const uint8_t>(fbb.GetBufferPointer(), fbb.GetSize()),
-       [&](Status status, std::span<const uint8_t> body) {
-         Status r = status.ok() ? parse(body) : std::move(status);
-         MutexLock lock(&mu_);
-         result = std::move(r);
-         done = true;
-         cv_.notify_all();
-       });
+  Send(
+      opcode, std::span<const uint8_t>(fbb.GetBufferPointer(), fbb.GetSize()),
+      [&](Status status, std::span<const uint8_t> body) {
+        Status r = status.ok() ? parse(body) : std::move(status);
+        MutexLock lock(&mu_);
+        result = std::move(r);
+        done = true;
+        cv_.notify_all();
+      },
+      /*generation=*/0, /*caller_waits=*/true);
   WaitUntil([&] { return done; });
   return result;
 }
@@ -181,18 +216,132 @@ Status SidecarClient::Call(wire::Opcode opcode, const flatbuffers::FlatBufferBui
 void SidecarClient::Post(std::function<void()> fn) {
   MutexLock lock(&mu_);
   completions_.push_back(std::move(fn));
-  cv_.notify_all();
+  dispatch_cv_.notify_one();
+}
+
+bool SidecarClient::CanReadLocked() const {
+  return connection_ != nullptr && !stopping_ && failed_.ok() &&
+         reader_generation_ != generation_ && !pending_.empty();
 }
 
 void SidecarClient::WaitUntil(const std::function<bool()>& done) {
   for (;;) {
+    std::shared_ptr<Connection> connection;
+    uint64_t generation = 0;
     {
       MutexLock lock(&mu_);
-      while (!done() && !PumpableLocked()) cv_.wait(mu_);
-      if (done()) return;
+      for (;;) {
+        if (done()) {
+          --waiters_;
+          // Hand the reading role over: requests of others are still in flight.
+          if (waiters_ == 0 && !pending_.empty() && reader_generation_ != generation_) {
+            KickLocked();
+          }
+          return;
+        }
+        if (PumpableLocked()) break;
+        if (CanReadLocked()) {
+          reader_generation_ = generation_;
+          generation = generation_;
+          connection = connection_;
+          break;
+        }
+        // Watching the deadlines too: the dispatcher may be this thread's caller.
+        if (options_.request_timeout_ms == 0) {
+          cv_.wait(mu_);
+        } else {
+          cv_.wait_until(mu_, CheckDeadlinesLocked());
+        }
+      }
     }
-    Pump();
+    if (connection != nullptr) {
+      ReadOne(*connection, generation);
+    } else {
+      Pump();
+    }
   }
+}
+
+void SidecarClient::ReadOne(Connection& connection, uint64_t generation) {
+  wire::FrameHeader header;
+  std::vector<uint8_t>& body = connection.read_body();
+  Status s = connection.ReadFrame(&header, &body);
+  if (s.ok()) Dispatch(connection, header, body);
+  MutexLock lock(&mu_);
+  if (reader_generation_ == generation) reader_generation_ = 0;
+  if (!s.ok()) {
+    FailLocked(generation,
+               s.code() == StatusCode::kUnavailable
+                   ? std::move(s)
+                   : Status::Unavailable("kvtierd at " + connection.peer() + ": " + s.ToString()));
+  }
+  cv_.notify_all();
+}
+
+void SidecarClient::Dispatch(const Connection& connection, const wire::FrameHeader& header,
+                             std::span<const uint8_t> body) {
+  Pending p;
+  {
+    MutexLock lock(&mu_);
+    auto it = pending_.find(header.request_id);
+    if (it != pending_.end()) {
+      p = std::move(it->second);
+      pending_.erase(it);
+    }
+  }
+  if (!p.handler) {
+    Log().warn("kvtierd at {}: a {} reply to request {}, which is not in flight", connection.peer(),
+               wire::OpcodeName(header.opcode), header.request_id);
+    return;
+  }
+  Status status;
+  if (header.opcode == static_cast<uint16_t>(wire::Opcode::kError)) {
+    status = wire::VerifyReplyBody(header.opcode, body);
+    if (status.ok()) {
+      status = wire::FromWire(flatbuffers::GetRoot<wire::StatusReply>(body.data())->outcome());
+      if (status.ok()) status = Status::Internal("kvtierd sent an Error frame with no error");
+    }
+  } else if (header.opcode != static_cast<uint16_t>(p.opcode)) {
+    status = Status::Internal(
+        "kvtierd answered a " + std::string(wire::OpcodeName(static_cast<uint16_t>(p.opcode))) +
+        " request with a " + std::string(wire::OpcodeName(header.opcode)) + " reply");
+  } else {
+    status = wire::VerifyReplyBody(header.opcode, body);
+    if (!status.ok()) status = Status::Internal("kvtierd's reply: " + status.message());
+  }
+  p.handler(status, status.ok() ? body : std::span<const uint8_t>());
+}
+
+void SidecarClient::FailLocked(uint64_t generation, Status why) {
+  if (stopping_ || generation != generation_ || connection_ == nullptr || !failed_.ok()) return;
+  failed_ = std::move(why);
+  connection_->Shutdown();
+  KickLocked();
+  cv_.notify_all();
+}
+
+void SidecarClient::KickLocked() {
+  if (kicked_) return;
+  kicked_ = true;
+  const uint64_t one = 1;
+  // Cannot fail short of a counter at its maximum, which kicked_ rules out.
+  (void)!::write(event_fd_, &one, sizeof(one));
+}
+
+SidecarClient::Clock::time_point SidecarClient::CheckDeadlinesLocked() {
+  const auto now = Clock::now();
+  // A request sent after this has a deadline after `next`: no need to be told of it.
+  const auto next = now + std::chrono::milliseconds(options_.request_timeout_ms);
+  if (pending_.empty() || connection_ == nullptr || !failed_.ok()) return next;
+  const auto& [id, oldest] = *pending_.begin();
+  if (oldest.deadline > now) return std::min(oldest.deadline, next);
+  FailLocked(generation_,
+             Status::Unavailable(
+                 "kvtierd at " + connection_->peer() + ": no reply to " +
+                 std::string(wire::OpcodeName(static_cast<uint16_t>(oldest.opcode))) + " request " +
+                 std::to_string(id) + " within " + std::to_string(options_.request_timeout_ms) +
+                 " ms; dropped the connection"));
+  return next;
 }
 
 // --- Transfers -------------------------------------------------------------------------
@@ -203,6 +352,7 @@ Status SidecarClient::Submit(std::shared_ptr<Transfer> transfer) {
   for (const Status& s : t.statuses) unsettled += s.ok() ? 1 : 0;
   {
     MutexLock lock(&mu_);
+    if (!t.done) ++waiters_;  // WaitUntil below
     Status refused;
     if (stopping_) {
       refused = Status::Cancelled("the store is closing");
@@ -347,9 +497,12 @@ void SidecarClient::OnChunkReply(const Chunk& chunk, const Status& status,
   MutexLock lock(&mu_);
   if (chunk.generation == generation_ && connection_ != nullptr) {
     for (uint32_t slot : chunk.slots) free_slots_.push_back(slot);
+    if (!waiting_.empty()) {
+      cv_.notify_all();
+      dispatch_cv_.notify_one();
+    }
   }
   SettleLocked(chunk.transfer, n);
-  cv_.notify_all();
 }
 
 void SidecarClient::SettleLocked(const std::shared_ptr<Transfer>& transfer, size_t count) {
@@ -361,8 +514,10 @@ void SidecarClient::FinishLocked(const std::shared_ptr<Transfer>& transfer) {
   transfer->finished = true;
   if (transfer->done) {
     completions_.push_back([transfer] { transfer->done(FirstFailure(transfer->statuses)); });
+    dispatch_cv_.notify_one();
+  } else {
+    cv_.notify_all();
   }
-  cv_.notify_all();
 }
 
 // --- The connection's life -------------------------------------------------------------
@@ -371,7 +526,11 @@ void SidecarClient::Break(const Status& why) {
   std::vector<Pending> failed;
   {
     MutexLock lock(&mu_);
+    // Wakes a reader still in recv on it.
+    if (connection_ != nullptr) connection_->Shutdown();
     connection_ = nullptr;
+    failed_ = Status::OK();
+    hangup_generation_ = 0;
     free_slots_.clear();
     if (why.code() != StatusCode::kCancelled) last_error_ = why.message();
     for (auto& [id, p] : pending_) failed.push_back(std::move(p));
@@ -389,78 +548,90 @@ void SidecarClient::Break(const Status& why) {
     }
     waiting_.clear();
     cv_.notify_all();
+    dispatch_cv_.notify_all();
   }
   for (Pending& p : failed) p.handler(why, {});
 }
 
-Status SidecarClient::ReadReplies(Connection& connection) {
-  std::vector<uint8_t> body;
-  for (;;) {
-    wire::FrameHeader header;
-    Status s = connection.ReadFrame(&header, &body);
-    if (!s.ok()) {
-      return s.code() == StatusCode::kUnavailable
-                 ? s
-                 : Status::Unavailable("kvtierd at " + connection.peer() + ": " + s.ToString());
+void SidecarClient::Idle(const Connection& connection, uint64_t generation,
+                         Clock::time_point until) {
+  // POLLRDHUP without POLLIN: a reply arriving does not wake this thread (the caller that
+  // waits for it reads it); the daemon closing does (POLLHUP and POLLERR always do).
+  pollfd fds[2] = {{connection.fd(), POLLRDHUP, 0}, {event_fd_, POLLIN, 0}};
+  int timeout_ms = -1;
+  if (until != Clock::time_point::max()) {
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now()).count();
+    timeout_ms = static_cast<int>(std::clamp<int64_t>(left, 0, 1 << 30));
+  }
+  if (::poll(fds, 2, timeout_ms) < 0) {
+    if (errno != EINTR) {
+      Log().warn("sidecar client: poll: {}", std::strerror(errno));
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    Pending p;
-    {
-      MutexLock lock(&mu_);
-      auto it = pending_.find(header.request_id);
-      if (it == pending_.end()) {
-        p.handler = nullptr;
-      } else {
-        p = std::move(it->second);
-        pending_.erase(it);
-      }
-    }
-    if (!p.handler) {
-      Log().warn("kvtierd at {}: a {} reply to request {}, which is not in flight",
-                 connection.peer(), wire::OpcodeName(header.opcode), header.request_id);
-      continue;
-    }
-    Status status;
-    if (header.opcode == static_cast<uint16_t>(wire::Opcode::kError)) {
-      status = wire::VerifyReplyBody(header.opcode, body);
-      if (status.ok()) {
-        status = wire::FromWire(flatbuffers::GetRoot<wire::StatusReply>(body.data())->outcome());
-        if (status.ok()) status = Status::Internal("kvtierd sent an Error frame with no error");
-      }
-    } else if (header.opcode != static_cast<uint16_t>(p.opcode)) {
-      status = Status::Internal(
-          "kvtierd answered a " + std::string(wire::OpcodeName(static_cast<uint16_t>(p.opcode))) +
-          " request with a " + std::string(wire::OpcodeName(header.opcode)) + " reply");
-    } else {
-      status = wire::VerifyReplyBody(header.opcode, body);
-      if (!status.ok()) status = Status::Internal("kvtierd's reply: " + status.message());
-    }
-    p.handler(status, status.ok() ? std::span<const uint8_t>(body) : std::span<const uint8_t>());
+    return;
+  }
+  MutexLock lock(&mu_);
+  if ((fds[1].revents & POLLIN) != 0) {
+    // Cleared before the drain, under mu_: a kick after this writes again.
+    kicked_ = false;
+    uint64_t count;
+    (void)!::read(event_fd_, &count, sizeof(count));
+  }
+  if ((fds[0].revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0 &&
+      generation == generation_) {
+    hangup_generation_ = generation;
   }
 }
 
-void SidecarClient::ReaderLoop() {
+void SidecarClient::BackgroundLoop() {
   auto backoff = std::chrono::milliseconds(10);
   const auto max_backoff =
       std::chrono::milliseconds(std::max<uint32_t>(options_.max_backoff_ms, 10));
   for (;;) {
     std::shared_ptr<Connection> connection;
+    uint64_t generation = 0;
+    Status why;
+    bool read = false;
+    // While idle, the deadlines are watched here too (the dispatcher may be busy running
+    // a completion that waits for a reply).
+    Clock::time_point until = Clock::time_point::max();
     {
       MutexLock lock(&mu_);
       if (stopping_) break;
-      connection = connection_;
-    }
-    if (connection != nullptr) {
-      Status why = ReadReplies(*connection);
-      connection->Shutdown();
-      bool stopping;
-      {
-        MutexLock lock(&mu_);
-        stopping = stopping_;
+      if (!failed_.ok()) {
+        why = failed_;
+      } else if (connection_ != nullptr) {
+        connection = connection_;
+        generation = generation_;
+        const bool hangup = hangup_generation_ == generation_;
+        if (reader_generation_ != generation_) {
+          // Read when nobody else will: requests in flight and no synchronous caller
+          // waiting, or to the end of a connection that hung up.
+          read = hangup || (!pending_.empty() && waiters_ == 0);
+          if (read) reader_generation_ = generation_;
+        } else if (hangup) {
+          // Another thread reads; it reaches the end (or releases the role) and notifies.
+          cv_.wait(mu_);
+          continue;
+        }
+        if (!read && options_.request_timeout_ms != 0) {
+          until = CheckDeadlinesLocked();
+          if (!failed_.ok()) continue;
+        }
       }
-      if (stopping) break;
+    }
+    if (!why.ok()) {
       Log().warn("lost the connection to kvtierd: {}; reconnecting", why.ToString());
       Break(why);
       backoff = std::chrono::milliseconds(10);
+      continue;
+    }
+    if (connection != nullptr) {
+      if (read) {
+        ReadOne(*connection, generation);
+      } else {
+        Idle(*connection, generation, until);
+      }
       continue;
     }
     {
@@ -480,6 +651,7 @@ void SidecarClient::ReaderLoop() {
       backoff = std::chrono::milliseconds(10);
       Log().info("reconnected to kvtierd at {} (daemon {})", connection_->peer(), daemon_version_);
       cv_.notify_all();
+      dispatch_cv_.notify_all();
     } else {
       last_error_ = c.status().ToString();
       backoff = std::min(backoff * 2, max_backoff);
@@ -489,6 +661,7 @@ void SidecarClient::ReaderLoop() {
   MutexLock lock(&mu_);
   reader_done_ = true;
   cv_.notify_all();
+  dispatch_cv_.notify_all();
 }
 
 void SidecarClient::DispatcherLoop() {
@@ -496,12 +669,19 @@ void SidecarClient::DispatcherLoop() {
     std::function<void()> fn;
     {
       MutexLock lock(&mu_);
-      while (completions_.empty() && !PumpableLocked() && !reader_done_) cv_.wait(mu_);
-      if (!completions_.empty()) {
-        fn = std::move(completions_.front());
-        completions_.pop_front();
-      } else if (!PumpableLocked()) {
-        return;  // the reader is done and nothing is left to run
+      for (;;) {
+        if (!completions_.empty()) {
+          fn = std::move(completions_.front());
+          completions_.pop_front();
+          break;
+        }
+        if (PumpableLocked()) break;
+        if (reader_done_) return;  // nothing is left to run
+        if (options_.request_timeout_ms == 0) {
+          dispatch_cv_.wait(mu_);
+        } else {
+          dispatch_cv_.wait_until(mu_, CheckDeadlinesLocked());
+        }
       }
     }
     if (fn) {

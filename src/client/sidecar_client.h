@@ -3,12 +3,32 @@
 // moving blocks through the staging slots (Transfers), and reconnecting when the
 // connection breaks. SidecarStore turns Store calls into requests on top of it.
 //
-// Threads: a reader (reads replies and runs their handlers; when the connection breaks it
-// fails what was in flight, then reconnects with backoff) and a dispatcher (runs the
-// completions of asynchronous calls, and issues the chunks of transfers that waited for
-// free slots). Callers send on their own thread; a synchronous caller also issues waiting
-// chunks while it waits, so that a synchronous call made from a completion cannot wait
-// on the dispatcher it occupies.
+// Reading replies (leader/follower): at most one thread at a time holds the reading role
+// of the current connection; it reads one frame, runs its request's handler, releases
+// the role and decides again. A synchronous caller (Call, Submit without a completion)
+// takes the role while it waits, so a lone caller reads its own reply on its own thread:
+// one wake-up per round trip, as a blocking socket ping-pong. Handlers therefore run on
+// whichever thread reads: the caller's, another synchronous caller's, or the background
+// thread's.
+//
+// Threads: a background thread and a dispatcher. The background thread sleeps in poll()
+// on the socket (for a hang-up only, not for data) and an eventfd while it is not needed;
+// it takes the reading role when requests are in flight that no synchronous caller is
+// there to read (asynchronous calls, or what is left when the last caller returns). It
+// also breaks the connection (fails what was in flight) when a reader hit an error, a
+// request timed out or the daemon hung up, then reconnects with backoff. The dispatcher
+// runs the completions of asynchronous calls, issues the chunks of transfers that waited
+// for free slots, and notices requests past SidecarOptions::request_timeout_ms (it waits
+// until the oldest one's deadline; requests are kept in id order, which is deadline
+// order; the background thread while idle and a caller waiting for the reading role
+// watch them as well). Callers send on their own thread; a synchronous caller also
+// issues waiting chunks and reads replies while it waits, so that a synchronous call
+// made from a completion cannot wait on the dispatcher it occupies.
+//
+// Guarantees: Call's `parse` runs while its caller waits (so it may write into the
+// caller's buffers); a synchronous caller returns once its request has its reply or was
+// failed (by a break, a timeout, or the destructor); the destructor lets what is in flight
+// finish (for up to connect_timeout_ms), then fails what is left with Cancelled.
 //
 // Thread safety: every public method may be called from any thread, until the destructor
 // starts.
@@ -16,15 +36,16 @@
 #define KVTIER_CLIENT_SIDECAR_CLIENT_H_
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
 #include <thread>
-#include <unordered_map>
 #include <vector>
 
 #include "kvtier/client.h"
@@ -67,7 +88,7 @@ class SidecarClient {
  public:
   // Connects to the daemon and performs the handshake, retrying a daemon that cannot be
   // reached (Unavailable) until options.connect_timeout_ms has passed; a refusal is
-  // returned at once. Starts the reader and the dispatcher.
+  // returned at once. Starts the background thread and the dispatcher.
   static Result<std::unique_ptr<SidecarClient>> Connect(const SidecarOptions& options,
                                                         const ModelLayout& layout);
   // Waits (up to connect_timeout_ms) for what is in flight to complete, then fails what
@@ -78,11 +99,13 @@ class SidecarClient {
 
   // Handles a reply: `body` is the reply's body, verified as the table of the request's
   // opcode; or `status` is not OK and `body` empty (an Error frame, or no reply will come:
-  // Unavailable when the connection broke, Cancelled when the client is closing).
+  // Unavailable when the connection broke or a request timed out, Cancelled when the
+  // client is closing). Runs on the thread that read the reply (see above), or on the
+  // thread that failed the request.
   using ReplyHandler = std::function<void(Status status, std::span<const uint8_t> body)>;
 
-  // Sends `fbb` (finished) as a request and waits for the reply, which `parse` reads on
-  // the reader thread while this caller waits (so it may write into the caller's
+  // Sends `fbb` (finished) as a request and waits for the reply, which `parse` reads
+  // while this caller waits (usually on this thread; so it may write into the caller's
   // buffers); returns what `parse` returned, or the failure.
   Status Call(wire::Opcode opcode, const flatbuffers::FlatBufferBuilder& fbb,
               const std::function<Status(std::span<const uint8_t>)>& parse);
@@ -97,28 +120,43 @@ class SidecarClient {
   SidecarStatus status() const;
 
  private:
+  using Clock = std::chrono::steady_clock;
   struct Pending {
     wire::Opcode opcode = wire::Opcode::kError;
     ReplyHandler handler;
+    Clock::time_point deadline;  // of its reply; time_point::max() without a timeout
   };
   struct Chunk;
 
   SidecarClient(const SidecarOptions& options, const ModelLayout& layout,
-                std::shared_ptr<Connection> connection);
+                std::shared_ptr<Connection> connection, int event_fd);
 
   // Registers `handler` for a new request id and sends on the current connection (which
   // must be of `generation`, unless that is 0). When there is none, the handler runs with
-  // the failure on this thread; when the send fails, the reader fails the request.
+  // the failure on this thread; when the send fails, the connection is failed and with
+  // it the request. `caller_waits`: the caller calls WaitUntil next (counted in waiters_
+  // from now on, so that the background thread is not woken to read the reply).
   void Send(wire::Opcode opcode, std::span<const uint8_t> body, ReplyHandler handler,
-            uint64_t generation = 0) KVTIER_EXCLUDES(mu_);
+            uint64_t generation = 0, bool caller_waits = false) KVTIER_EXCLUDES(mu_);
   Status NotConnectedLocked() const KVTIER_REQUIRES(mu_);
   // Installs a handshaken connection (the first, or after a reconnection).
   void Install(std::shared_ptr<Connection> connection) KVTIER_REQUIRES(mu_);
   // The connection broke (or the client is closing) with `why`: fails every request in
   // flight and every transfer member not sent yet, and forgets the connection.
   void Break(const Status& why) KVTIER_EXCLUDES(mu_);
-  // Reads replies and runs their handlers until the connection fails; returns why.
-  Status ReadReplies(Connection& connection) KVTIER_EXCLUDES(mu_);
+  // The connection of `generation` failed with `why` (the first reason is kept): shuts it
+  // down and has the background thread Break it. Nothing when it is gone already.
+  void FailLocked(uint64_t generation, Status why) KVTIER_REQUIRES(mu_);
+  // Wakes the background thread (idle in poll) to look at the state again.
+  void KickLocked() KVTIER_REQUIRES(mu_);
+  // Whether a synchronous caller may take the reading role now.
+  bool CanReadLocked() const KVTIER_REQUIRES(mu_);
+  // With the reading role for `generation`: reads one frame and runs its handler, then
+  // releases the role (and fails the connection when the read failed).
+  void ReadOne(Connection& connection, uint64_t generation) KVTIER_EXCLUDES(mu_);
+  // Runs the handler of the reply in `header` and `body`.
+  void Dispatch(const Connection& connection, const wire::FrameHeader& header,
+                std::span<const uint8_t> body) KVTIER_EXCLUDES(mu_);
   // Issues chunks of waiting transfers while slots are free. Any thread.
   void Pump() KVTIER_EXCLUDES(mu_);
   bool PumpableLocked() const KVTIER_REQUIRES(mu_);
@@ -127,23 +165,47 @@ class SidecarClient {
   // Settles `count` members of `transfer`; finishes it when none is left.
   void SettleLocked(const std::shared_ptr<Transfer>& transfer, size_t count) KVTIER_REQUIRES(mu_);
   void FinishLocked(const std::shared_ptr<Transfer>& transfer) KVTIER_REQUIRES(mu_);
-  // Waits on cv_ until `done`, issuing waiting chunks meanwhile.
+  // Waits until `done`, reading replies (the reading role) and issuing waiting chunks
+  // meanwhile. The caller counted itself in waiters_ before sending; this uncounts it.
   void WaitUntil(const std::function<bool()>& done) KVTIER_EXCLUDES(mu_);
+  // Fails the connection when the oldest request is past its deadline; returns when to
+  // look again.
+  Clock::time_point CheckDeadlinesLocked() KVTIER_REQUIRES(mu_);
 
-  void ReaderLoop();
+  void BackgroundLoop();
+  // Sleeps in poll() until the eventfd is kicked, `connection` hangs up, or `until`.
+  void Idle(const Connection& connection, uint64_t generation, Clock::time_point until)
+      KVTIER_EXCLUDES(mu_);
   void DispatcherLoop();
 
   const SidecarOptions options_;
   const ModelLayout layout_;
   const uint64_t block_bytes_;
+  const int event_fd_;                // kicks the background thread out of poll()
   std::atomic<bool> closing_{false};  // cancels a reconnection attempt in progress
 
   mutable Mutex mu_;
-  std::condition_variable_any cv_;                                 // any change below
+  // Synchronous callers (and the destructor) wait here: replies, the reading role
+  // released, transfers settled, breaks.
+  std::condition_variable_any cv_;
+  // The dispatcher waits here: completions, chunks to issue, deadlines, the end.
+  std::condition_variable_any dispatch_cv_;
   std::shared_ptr<Connection> connection_ KVTIER_GUARDED_BY(mu_);  // null: disconnected
   uint64_t generation_ KVTIER_GUARDED_BY(mu_) = 0;  // of connection_; bumped per connection
   uint64_t next_request_id_ KVTIER_GUARDED_BY(mu_) = 1;
-  std::unordered_map<uint64_t, Pending> pending_ KVTIER_GUARDED_BY(mu_);
+  // In id order, which is deadline order.
+  std::map<uint64_t, Pending> pending_ KVTIER_GUARDED_BY(mu_);
+  // The generation whose reading role is held (0: none). A holder of an older one is
+  // finishing a read on a connection that was shut down.
+  uint64_t reader_generation_ KVTIER_GUARDED_BY(mu_) = 0;
+  // Synchronous callers between their send and their return: they will read.
+  uint32_t waiters_ KVTIER_GUARDED_BY(mu_) = 0;
+  // Why the current connection failed, until the background thread Breaks it.
+  Status failed_ KVTIER_GUARDED_BY(mu_);
+  // The generation whose socket reported a hang-up while idle (0: none): the background
+  // thread reads it to its end.
+  uint64_t hangup_generation_ KVTIER_GUARDED_BY(mu_) = 0;
+  bool kicked_ KVTIER_GUARDED_BY(mu_) = false;  // event_fd_ written, not yet drained
   // Slot indices free for a chunk (virtual ones, over TCP: a bound on bytes in flight).
   std::vector<uint32_t> free_slots_ KVTIER_GUARDED_BY(mu_);
   uint32_t total_slots_ KVTIER_GUARDED_BY(mu_) = 0;
@@ -156,7 +218,7 @@ class SidecarClient {
   std::string daemon_version_ KVTIER_GUARDED_BY(mu_);
   bool shared_memory_ KVTIER_GUARDED_BY(mu_) = false;
 
-  std::thread reader_;
+  std::thread background_;
   std::thread dispatcher_;
 };
 

@@ -135,6 +135,7 @@ void kvtier_options_init(kvtier_options* options) {
   options->sidecar_connect_timeout_ms = d.sidecar.connect_timeout_ms;
   options->sidecar_max_backoff_ms = d.sidecar.max_backoff_ms;
   options->sidecar_staging_blocks = d.sidecar.staging_blocks;
+  options->sidecar_request_timeout_ms = d.sidecar.request_timeout_ms;
 }
 
 void kvtier_layout_llama3_8b(kvtier_layout* layout) {
@@ -205,6 +206,7 @@ kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layo
     if (options->sidecar_staging_blocks != 0) {
       o.sidecar.staging_blocks = options->sidecar_staging_blocks;
     }
+    o.sidecar.request_timeout_ms = options->sidecar_request_timeout_ms;
     KVTIER_ASSIGN_OR_RETURN(auto s, kvtier::Store::Open(o, ToLayout(*layout)));
     *store = new kvtier_store{std::move(s)};
     return kvtier::Status::OK();

@@ -130,6 +130,8 @@ typedef struct kvtier_options {
   uint32_t sidecar_connect_timeout_ms; /* 0: the default (5000) */
   uint32_t sidecar_max_backoff_ms;     /* 0: the default (1000) */
   uint32_t sidecar_staging_blocks;     /* 0: the default (64) */
+  /* kvtier_options_init sets 30000; 0: no limit (kvtier::SidecarOptions). */
+  uint32_t sidecar_request_timeout_ms;
 } kvtier_options;
 
 typedef struct kvtier_block_key {

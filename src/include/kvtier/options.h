@@ -55,6 +55,11 @@ struct SidecarOptions {
   // Blocks of the shared-memory staging area the daemon gives a Unix-socket client
   // (how many block transfers it may have in flight at once). Default: 64.
   uint32_t staging_blocks = 64;
+  // A request without its reply within this fails with Unavailable, and the client drops
+  // the connection (the daemon's state for it is then unknown: failing what else is in
+  // flight with the same status) and reconnects as after a break. 0: no limit.
+  // Default: 30000 ms.
+  uint32_t request_timeout_ms = 30000;
 };
 
 // A namespace's limits, in bytes (0: no limit). Blocks of namespaces without an entry
