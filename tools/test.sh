@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the dependencies, builds and runs every test: first the release build (with
-# the CUDA kernels when nvcc is found), then the same suite under ASan+UBSan.
+# the CUDA kernels when nvcc is found), then the same suite under ASan+UBSan, then the
+# concurrent parts under TSan, then a bounded fuzz run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup-debian.sh
@@ -15,6 +16,22 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKVTIER_CUDA=OFF \
   -DKVTIER_BUILD_BENCH=OFF -DKVTIER_SANITIZE=address,undefined
 cmake --build build-asan -j "$jobs"
 ctest --test-dir build-asan --output-on-failure -j "$jobs" -LE no-sanitizer
+
+# ThreadSanitizer over the concurrent parts only (a whole-suite TSan build would not fit
+# CI's time): the sidecar client and kvtierd's serving core (the tests labelled tsan,
+# tests/client.cmake; kvtier_server_tests), and the worker pool and the store's
+# concurrency tests of kvtier_tests. -O1 -g1: quicker to build than -O2, with line
+# numbers in the reports.
+cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -g1" \
+  -DKVTIER_CUDA=OFF -DKVTIER_BUILD_BENCH=OFF -DKVTIER_BUILD_TOOLS=OFF -DKVTIER_SANITIZE=thread
+cmake --build build-tsan -j "$jobs" --target kvtier_client_tests kvtier_server_tests kvtier_tests
+export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
+ctest --test-dir build-tsan --output-on-failure -j "$jobs" -L tsan
+build-tsan/tests/kvtier_server_tests
+build-tsan/tests/kvtier_tests \
+  --gtest_filter='WorkerPoolTest.*:StoreConcurrencyTest.*:StoreQuotaTest.Concurrent*'
+unset TSAN_OPTIONS
 
 # The protocol's libFuzzer target (tests/fuzz: clang, ASan+UBSan), for a bounded time,
 # from the seed corpus in tests/fuzz/corpus.
