@@ -49,14 +49,21 @@ struct SummarySpec {
   bool operator==(const SummarySpec&) const = default;
 };
 
+// Names: kind, rows, backend; "clustersC>Rx F" is two-stage scoring (index/layer_index.h):
+// C clusters behind R coarse int8 rows, a shortlist of F x top_k. Row 0 is the default.
 struct Formulation {
   std::string name;
   SummarySpec spec;
   IndexBackend backend;
+  uint32_t coarse_rows = 0;  // two-stage scoring (IndexConfig); 0: one stage
+  uint32_t shortlist_factor = 0;
 };
 
 std::vector<Formulation> Formulations() {
   return {
+      {"clusters12>2x3/scan", {SummaryKind::kClusters, 12, false}, IndexBackend::kScan, 2, 3},
+      {"clusters12/scan", {SummaryKind::kClusters, 12, false}, IndexBackend::kScan},
+      {"clusters8>2x3/scan", {SummaryKind::kClusters, 8, false}, IndexBackend::kScan, 2, 3},
       {"clusters3/scan", {SummaryKind::kClusters, 3, false}, IndexBackend::kScan},
       {"clusters3/faiss-flat", {SummaryKind::kClusters, 3, false}, IndexBackend::kFaissFlat},
       {"clusters3/faiss-hnsw", {SummaryKind::kClusters, 3, false}, IndexBackend::kFaissHnsw},
@@ -64,6 +71,10 @@ std::vector<Formulation> Formulations() {
       {"clusters2/scan", {SummaryKind::kClusters, 2, false}, IndexBackend::kScan},
       {"clusters6/scan", {SummaryKind::kClusters, 6, false}, IndexBackend::kScan},
       {"clusters8/scan", {SummaryKind::kClusters, 8, false}, IndexBackend::kScan},
+      {"clusters16/scan", {SummaryKind::kClusters, 16, false}, IndexBackend::kScan},
+      {"clusters12>2x2/scan", {SummaryKind::kClusters, 12, false}, IndexBackend::kScan, 2, 2},
+      {"clusters12>2x4/scan", {SummaryKind::kClusters, 12, false}, IndexBackend::kScan, 2, 4},
+      {"clusters16>2x3/scan", {SummaryKind::kClusters, 16, false}, IndexBackend::kScan, 2, 3},
       {"mean/scan", {SummaryKind::kMean, 1, false}, IndexBackend::kScan},
       {"minmax/scan", {SummaryKind::kMinMax, 2, false}, IndexBackend::kScan},
       {"topr4-norm/scan", {SummaryKind::kTopR, 4, false}, IndexBackend::kScan},
@@ -236,6 +247,8 @@ Status RunContext(const Config& cfg, uint64_t tokens, bool with_oracle, ContextR
       ic.num_query_heads = l.num_query_heads;
       ic.summary = {l.num_kv_heads, d, bt, l.dtype, form.spec.kind, form.spec.rows};
       ic.backend = form.backend;
+      ic.coarse_rows = form.coarse_rows;
+      ic.shortlist_factor = form.shortlist_factor;
       auto index = CreateLayerIndex(ic);
       if (!index.ok()) {
         a.failed = true;

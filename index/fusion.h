@@ -23,6 +23,10 @@ namespace kvtier {
 // 2e-7 in [-87, 88]; inputs below -87, -infinity included, give 0; NaN gives 0).
 void ExpInPlace(float* v, uint64_t n);
 
+// The largest of v[0..n), NaN ignored (-infinity when none); the sum of v[0..n) in double.
+float MaxOf(const float* v, uint64_t n);
+double SumOf(const float* v, uint64_t n);
+
 // Per block, sum_j exp(terms[i * rows + j] - shift), terms being (scale * dot +
 // log weight) already: out[i] for i < n. `terms` is overwritten. Returns the shift
 // used (the largest term; -infinity when every term is -infinity, and then every out[i]

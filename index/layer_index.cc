@@ -51,6 +51,38 @@ __attribute__((target("avx2,fma"))) void ExpAvx2(float* v, uint64_t n) {
   for (; i < n; ++i) v[i] = v[i] >= -87.0f ? std::exp(std::min(v[i], 88.3f)) : 0.0f;
 }
 
+// The largest of v[0..n) ignoring NaN (-infinity when none).
+__attribute__((target("avx2,fma"))) float MaxAvx2(const float* v, uint64_t n) {
+  __m256 a0 = _mm256_set1_ps(kNegInf), a1 = a0;
+  uint64_t i = 0;
+  // max_ps(x, acc) is acc when x is NaN.
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_max_ps(_mm256_loadu_ps(v + i), a0);
+    a1 = _mm256_max_ps(_mm256_loadu_ps(v + i + 8), a1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(a0, a1));
+  float m = kNegInf;
+  for (float x : lanes) m = x > m ? x : m;
+  for (; i < n; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// sum of v[0..n) in double.
+__attribute__((target("avx2,fma"))) double SumAvx2(const float* v, uint64_t n) {
+  __m256d a0 = _mm256_setzero_pd(), a1 = a0;
+  uint64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm_loadu_ps(v + i)));
+    a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm_loadu_ps(v + i + 4)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(a0, a1));
+  double s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < n; ++i) s += v[i];
+  return s;
+}
+
 // The selection order: higher score first, ties by the lower block id; NaN as -inf.
 bool Better(const std::pair<float, uint64_t>& a, const std::pair<float, uint64_t>& b) {
   return a.first != b.first ? a.first > b.first : a.second < b.second;
@@ -74,10 +106,23 @@ void ExpInPlace(float* v, uint64_t n) {
   for (uint64_t i = 0; i < n; ++i) v[i] = v[i] >= -87.0f ? std::exp(std::min(v[i], 88.3f)) : 0.0f;
 }
 
+float MaxOf(const float* v, uint64_t n) {
+  if (simd::HasAvx2()) return MaxAvx2(v, n);
+  float m = kNegInf;
+  for (uint64_t i = 0; i < n; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+double SumOf(const float* v, uint64_t n) {
+  if (simd::HasAvx2()) return SumAvx2(v, n);
+  double s = 0;
+  for (uint64_t i = 0; i < n; ++i) s += v[i];
+  return s;
+}
+
 float MassFromTerms(float* terms, uint64_t n, uint32_t rows, float* out) {
   const uint64_t count = n * rows;
-  float shift = kNegInf;
-  for (uint64_t i = 0; i < count; ++i) shift = terms[i] > shift ? terms[i] : shift;
+  const float shift = MaxOf(terms, count);
   if (shift == kNegInf || shift != shift) {
     std::fill_n(out, n, 0.0f);
     return kNegInf;
@@ -108,8 +153,7 @@ Status Fusion::Run(const IndexConfig& config, const SelectParams& params,
   fused_.assign(uint64_t{score_rows} * n, 0.0f);
   for (uint32_t h = 0; h < hq; ++h) {
     const float* m = mass + h * stride;
-    double total = 0;
-    for (uint64_t i = 0; i < n; ++i) total += m[i];
+    const double total = SumOf(m, n);
     if (!(total > 0)) continue;
     const float inv = static_cast<float>(1.0 / total);
     float* f = fused_.data() + (per_kv ? uint64_t{h / g} * n : 0);
@@ -172,6 +216,18 @@ Result<std::unique_ptr<LayerIndex>> CreateLayerIndex(const IndexConfig& config) 
   if (!(config.scale >= 0.0f) || std::isinf(config.scale)) {
     return Status::InvalidArgument("index: bad scale");
   }
+  if (config.coarse_rows > 0 || config.shortlist_factor > 0) {
+    if (config.backend != IndexBackend::kScan || config.summary.kind != SummaryKind::kClusters) {
+      return Status::InvalidArgument(
+          "index: two-stage scoring needs the scan backend and kClusters summaries");
+    }
+    if (config.coarse_rows == 0 || config.coarse_rows >= config.summary.rows ||
+        config.shortlist_factor == 0) {
+      return Status::InvalidArgument("index: two-stage scoring needs coarse_rows in [1, " +
+                                     std::to_string(config.summary.rows) +
+                                     ") and shortlist_factor >= 1");
+    }
+  }
   switch (config.backend) {
     case IndexBackend::kScan:
       return CreateScanIndex(config);
@@ -194,11 +250,128 @@ Result<std::unique_ptr<LayerIndex>> CreateLayerIndex(const IndexConfig& config) 
   return Status::InvalidArgument("index: unknown backend");
 }
 
+namespace {
+
+// log sum_j exp(t_j) over the finite-or-not terms (-infinity when all are -infinity).
+double LogSumExp(const std::vector<double>& t) {
+  double m = -INFINITY;
+  for (double v : t) m = std::max(m, v);
+  if (m == -INFINITY) return m;
+  double sum = 0;
+  for (double v : t) sum += std::exp(v - m);
+  return m + std::log(sum);
+}
+
+// The two-stage definition (the top of layer_index.h) in double precision.
+void ReferenceTwoStage(const IndexConfig& config, std::span<const uint64_t> ids,
+                       std::span<const BlockSummary* const> summaries, const SelectParams& params,
+                       std::span<int64_t> out, std::span<float> scores) {
+  const SummaryShape& s = config.summary;
+  const uint32_t hq = config.num_query_heads, kv = s.num_kv_heads, g = hq / kv, d = s.head_dim;
+  const uint32_t rows = s.rows, cr = config.coarse_rows;
+  const double scale = config.scale > 0 ? config.scale : 1.0 / std::sqrt(double(d));
+  const uint64_t n = ids.size();
+  const bool per_kv = params.scope == SelectionScope::kPerKvHead;
+  const uint32_t score_rows = per_kv ? kv : 1;
+  const auto candidate = [&](uint64_t i) {
+    return ids[i] >= params.candidates_begin && ids[i] < params.candidates_end;
+  };
+  std::vector<CoarseSummary> coarse(n);
+  for (uint64_t i = 0; i < n; ++i) CoarsenSummary(s, *summaries[i], cr, &coarse[i]);
+  // e1[h][i]: the coarse estimate; e2: the full one.
+  std::vector<double> e1(uint64_t{hq} * n), t;
+  const auto full = [&](uint32_t h, uint64_t i) {
+    const float* q = params.queries.data() + uint64_t{h} * d;
+    const BlockSummary& b = *summaries[i];
+    const uint32_t k = h / g;
+    t.assign(rows, -INFINITY);
+    for (uint32_t j = 0; j < rows; ++j) {
+      const double w = b.weights[uint64_t{k} * rows + j];
+      if (w <= 0) continue;
+      double dot = 0;
+      for (uint32_t c = 0; c < d; ++c) {
+        dot += q[c] * double(HalfBitsToFloat(b.vectors[(uint64_t{k} * rows + j) * d + c]));
+      }
+      t[j] = std::log(w) + scale * dot;
+    }
+    return LogSumExp(t);
+  };
+  std::vector<double> z1(hq);
+  for (uint32_t h = 0; h < hq; ++h) {
+    const float* q = params.queries.data() + uint64_t{h} * d;
+    const uint32_t k = h / g;
+    for (uint64_t i = 0; i < n; ++i) {
+      const CoarseSummary& c = coarse[i];
+      t.assign(cr, -INFINITY);
+      for (uint32_t j = 0; j < cr; ++j) {
+        const double w = c.weights[uint64_t{k} * cr + j];
+        if (w <= 0) continue;
+        double dot = 0;
+        for (uint32_t x = 0; x < d; ++x) {
+          dot += q[x] * (double(c.vectors[(uint64_t{k} * cr + j) * d + x]) *
+                         c.scales[uint64_t{k} * cr + j]);
+        }
+        t[j] = std::log(w) + scale * dot;
+      }
+      e1[uint64_t{h} * n + i] = LogSumExp(t);
+    }
+    z1[h] = LogSumExp(std::vector<double>(e1.begin() + h * n, e1.begin() + (h + 1) * n));
+  }
+  std::vector<std::pair<double, uint64_t>> rank;  // (score, position)
+  const auto better = [&](const std::pair<double, uint64_t>& a,
+                          const std::pair<double, uint64_t>& b) {
+    return a.first != b.first ? a.first > b.first : ids[a.second] < ids[b.second];
+  };
+  for (uint32_t r = 0; r < score_rows; ++r) {
+    const uint32_t h0 = per_kv ? r * g : 0, h1 = per_kv ? h0 + g : hq;
+    // The shortlist by the first pass's fusion.
+    rank.clear();
+    for (uint64_t i = 0; i < n; ++i) {
+      if (!candidate(i)) continue;
+      double f = 0;
+      for (uint32_t h = h0; h < h1; ++h) {
+        if (z1[h] != -INFINITY) f += std::exp(e1[uint64_t{h} * n + i] - z1[h]);
+      }
+      rank.emplace_back(f == f ? f : -INFINITY, i);
+    }
+    std::sort(rank.begin(), rank.end(), better);
+    rank.resize(std::min<uint64_t>(rank.size(), uint64_t{config.shortlist_factor} * params.top_k));
+    std::vector<bool> fine(n, false);
+    for (const auto& [f, i] : rank) fine[i] = true;
+    for (uint64_t i = 0; i < n; ++i) fine[i] = fine[i] || !candidate(i);
+    // Z_h over the fine set's full estimates and the coarse ones elsewhere; the scores.
+    std::vector<double> f(rank.size(), 0.0), e2(n);
+    for (uint32_t h = h0; h < h1; ++h) {
+      std::vector<double> all(n);
+      for (uint64_t i = 0; i < n; ++i) {
+        e2[i] = fine[i] ? full(h, i) : -INFINITY;
+        all[i] = fine[i] ? e2[i] : e1[uint64_t{h} * n + i];
+      }
+      const double z = LogSumExp(all);
+      if (z == -INFINITY) continue;
+      for (size_t x = 0; x < rank.size(); ++x) f[x] += std::exp(e2[rank[x].second] - z);
+    }
+    for (size_t x = 0; x < rank.size(); ++x) rank[x].first = f[x] == f[x] ? f[x] : -INFINITY;
+    std::sort(rank.begin(), rank.end(), better);
+    for (uint64_t x = 0; x < params.top_k; ++x) {
+      const uint64_t at = uint64_t{r} * params.top_k + x;
+      out[at] = x < rank.size() ? static_cast<int64_t>(ids[rank[x].second]) : -1;
+      if (!scores.empty()) scores[at] = x < rank.size() ? static_cast<float>(rank[x].first) : 0.0f;
+    }
+  }
+}
+
+}  // namespace
+
 Status ReferenceSelect(const IndexConfig& config, std::span<const uint64_t> ids,
                        std::span<const BlockSummary* const> summaries, const SelectParams& params,
                        std::span<int64_t> out, std::span<float> scores) {
   KVTIER_RETURN_IF_ERROR(ValidateSelect(config, params, out, scores));
   if (ids.size() != summaries.size()) return Status::InvalidArgument("ids and summaries differ");
+  if (config.coarse_rows > 0) {
+    ReferenceTwoStage(config, ids, summaries, params, out, scores);
+    return Status::OK();
+  }
   const SummaryShape& s = config.summary;
   const uint32_t hq = config.num_query_heads, kv = s.num_kv_heads, g = hq / kv, d = s.head_dim;
   const uint32_t rows = s.rows;

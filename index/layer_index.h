@@ -16,6 +16,23 @@
 // Select returns the top_k candidates by F (ties: lower block id first), candidates being
 // the indexed blocks with candidates_begin <= id < candidates_end.
 //
+// ## Two-stage scoring (kScan, kClusters, IndexConfig::coarse_rows > 0)
+// Per score row r (kPerLayer: one, over every query head; kPerKvHead: one per KV head,
+// over its group):
+//   1. e1_h(b): the estimator over b's coarse rows (CoarsenSummary, index/summary.h: the
+//      clusters merged into coarse_rows int8 rows, value = int8 * scale), every block.
+//      Z1_h = log sum_b exp(e1_h(b)); F1_r(b) = sum_{h of r} exp(e1_h(b) - Z1_h).
+//   2. The shortlist S_r: the L = min(shortlist_factor * top_k, candidates) best
+//      candidates by F1_r (ties: lower id). The fine set P_r = S_r and every
+//      non-candidate (the sinks and the local window, which hold much of each head's
+//      attention and so of Z_h).
+//   3. e2_h(b): the estimator over b's full summary, b in P_r.
+//      Z_h = log(sum_{b in P_r} exp(e2_h(b)) + sum_{b not in P_r} exp(e1_h(b))).
+//   4. F_r(b) = sum_{h of r} exp(e2_h(b) - Z_h) for b in S_r; Select returns S_r's top_k
+//      by F_r (ties: lower id), and F_r as scores.
+// When S_r holds every candidate, P_r holds every block and this is the one-stage
+// estimator over the full summaries exactly. ReferenceSelect computes the same in double.
+//
 // ## kInfLLM (the baseline)
 // InfLLM's FAISS formulation: per block one vector, the concatenation over query heads
 // h of v_{kv(h)}, v_kv = the weighted mean of the block's rows of KV head kv; the query is
@@ -50,6 +67,10 @@ struct IndexConfig {
   uint32_t hnsw_m = 32;
   uint32_t hnsw_ef_search = 128;
   float scale = 0.0f;  // 0: 1 / sqrt(head_dim)
+  // Two-stage scoring (see the top of this file): 0 = off. Only kScan with kClusters
+  // summaries, coarse_rows in [1, summary.rows), shortlist_factor >= 1.
+  uint32_t coarse_rows = 0;
+  uint32_t shortlist_factor = 0;
 };
 
 struct SelectParams {
@@ -93,8 +114,9 @@ uint64_t SelectOutputSize(const IndexConfig& config, SelectionScope scope, uint3
 Status ValidateSelect(const IndexConfig& config, const SelectParams& params,
                       std::span<const int64_t> out, std::span<const float> scores);
 
-// Reference (tests, benchmarks): the estimator above computed in double precision,
-// straight from the definition, over the given blocks (ids[i] has summaries[i]).
+// Reference (tests, benchmarks): the estimator above (two-stage when config.coarse_rows >
+// 0) computed in double precision, straight from the definition, over the given blocks
+// (ids[i] has summaries[i]).
 // Writes the selection like Select.
 Status ReferenceSelect(const IndexConfig& config, std::span<const uint64_t> ids,
                        std::span<const BlockSummary* const> summaries, const SelectParams& params,

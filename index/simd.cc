@@ -96,6 +96,10 @@ KVTIER_AVX2 inline __m256 Load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 KVTIER_AVX2 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+KVTIER_AVX2 inline __m256 Load8(const int8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
 
 template <uint32_t G, uint32_t R, typename T>
 KVTIER_AVX2 inline void DotsPass(const T* rows, uint32_t d, const float* q, float* dots,
@@ -190,6 +194,19 @@ void DotsF16Scalar(const uint16_t* rows, uint32_t count, uint32_t d, const float
   }
 }
 
+void DotsI8Scalar(const int8_t* rows, uint32_t count, uint32_t d, const float* q, uint32_t g,
+                  float* dots, uint64_t stride) {
+  for (uint32_t r = 0; r < count; ++r) {
+    for (uint32_t h = 0; h < g; ++h) {
+      float s = 0;
+      for (uint32_t c = 0; c < d; ++c) {
+        s += static_cast<float>(rows[uint64_t{r} * d + c]) * q[uint64_t{h} * d + c];
+      }
+      dots[h * stride + r] = s;
+    }
+  }
+}
+
 }  // namespace
 
 bool HasAvx2() {
@@ -243,6 +260,14 @@ void DotsF32(const float* rows, uint32_t count, uint32_t head_dim, const float* 
     return DotsAvx2(rows, count, head_dim, queries, g, dots, dots_stride);
   }
   DotsF32Scalar(rows, count, head_dim, queries, g, dots, dots_stride);
+}
+
+void DotsI8(const int8_t* rows, uint32_t count, uint32_t head_dim, const float* queries, uint32_t g,
+            float* dots, uint64_t dots_stride) {
+  if (HasAvx2() && head_dim % 8 == 0) {
+    return DotsAvx2(rows, count, head_dim, queries, g, dots, dots_stride);
+  }
+  DotsI8Scalar(rows, count, head_dim, queries, g, dots, dots_stride);
 }
 
 }  // namespace kvtier::simd

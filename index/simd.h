@@ -32,6 +32,10 @@ void DotsF16(const uint16_t* rows, uint32_t count, uint32_t head_dim, const floa
 void DotsF32(const float* rows, uint32_t count, uint32_t head_dim, const float* queries, uint32_t g,
              float* dots, uint64_t dots_stride);
 
+// The same for int8 rows (the raw integers: the caller applies each row's scale).
+void DotsI8(const int8_t* rows, uint32_t count, uint32_t head_dim, const float* queries, uint32_t g,
+            float* dots, uint64_t dots_stride);
+
 }  // namespace kvtier::simd
 
 #endif  // KVTIER_INDEX_SIMD_H_

@@ -276,6 +276,108 @@ Status SummarizeBlock(const SummaryShape& s, const void* block, uint32_t valid_t
   return Status::OK();
 }
 
+void CoarsenSummary(const SummaryShape& s, const BlockSummary& summary, uint32_t coarse_rows,
+                    CoarseSummary* out) {
+  const uint32_t d = s.head_dim, rows = s.rows, cc = coarse_rows;
+  out->vectors.assign(uint64_t{s.num_kv_heads} * cc * d, 0);
+  out->scales.assign(uint64_t{s.num_kv_heads} * cc, 0.0f);
+  out->weights.assign(uint64_t{s.num_kv_heads} * cc, 0.0f);
+  thread_local std::vector<float> x, center, sums, mind;
+  thread_local std::vector<uint32_t> live, group;
+  x.resize(uint64_t{rows} * d);
+  center.resize(uint64_t{cc} * d);
+  sums.resize(uint64_t{cc} * d);
+  for (uint32_t kv = 0; kv < s.num_kv_heads; ++kv) {
+    const float* w = summary.weights.data() + uint64_t{kv} * rows;
+    simd::HalfToFloat(summary.vectors.data() + uint64_t{kv} * rows * d, x.data(),
+                      uint64_t{rows} * d);
+    live.clear();
+    for (uint32_t j = 0; j < rows; ++j) {
+      if (w[j] > 0) live.push_back(j);
+    }
+    const uint32_t m = static_cast<uint32_t>(live.size());
+    const auto xr = [&](uint32_t i) { return x.data() + uint64_t{live[i]} * d; };
+    group.assign(m, 0);
+    uint32_t groups = m;
+    if (m <= cc) {
+      for (uint32_t i = 0; i < m; ++i) {
+        group[i] = i;
+        std::memcpy(center.data() + uint64_t{i} * d, xr(i), d * 4);
+      }
+    } else {
+      // Seeds: nearest the weighted mean, then farthest from the seeds so far.
+      std::fill_n(sums.data(), d, 0.0f);
+      float total = 0;
+      for (uint32_t i = 0; i < m; ++i) {
+        const float wi = w[live[i]];
+        total += wi;
+        for (uint32_t c = 0; c < d; ++c) sums[c] += wi * xr(i)[c];
+      }
+      for (uint32_t c = 0; c < d; ++c) sums[c] /= total;
+      uint32_t pick = 0;
+      float best = std::numeric_limits<float>::infinity();
+      for (uint32_t i = 0; i < m; ++i) {
+        const float dist = simd::SquaredDistance(xr(i), sums.data(), d);
+        if (dist < best) best = dist, pick = i;
+      }
+      mind.assign(m, std::numeric_limits<float>::infinity());
+      groups = 0;
+      for (uint32_t g = 0; g < cc; ++g) {
+        std::memcpy(center.data() + uint64_t{g} * d, xr(pick), d * 4);
+        ++groups;
+        float far_d = -1.0f;
+        for (uint32_t i = 0; i < m; ++i) {
+          mind[i] =
+              std::min(mind[i], simd::SquaredDistance(xr(i), center.data() + uint64_t{g} * d, d));
+          if (mind[i] > far_d) far_d = mind[i], pick = i;
+        }
+        if (far_d <= 0.0f) break;
+      }
+      for (uint32_t round = 0; round <= kKMeansRounds; ++round) {
+        for (uint32_t i = 0; i < m; ++i) {
+          float bd = std::numeric_limits<float>::infinity();
+          for (uint32_t g = 0; g < groups; ++g) {
+            const float dist = simd::SquaredDistance(xr(i), center.data() + uint64_t{g} * d, d);
+            if (dist < bd) bd = dist, group[i] = g;
+          }
+        }
+        std::fill_n(sums.data(), uint64_t{groups} * d, 0.0f);
+        std::fill_n(out->weights.data() + uint64_t{kv} * cc, cc, 0.0f);
+        for (uint32_t i = 0; i < m; ++i) {
+          const float wi = w[live[i]];
+          out->weights[uint64_t{kv} * cc + group[i]] += wi;
+          float* dst = sums.data() + uint64_t{group[i]} * d;
+          for (uint32_t c = 0; c < d; ++c) dst[c] += wi * xr(i)[c];
+        }
+        for (uint32_t g = 0; g < groups; ++g) {
+          const float tw = out->weights[uint64_t{kv} * cc + g];
+          if (tw <= 0) continue;  // an emptied group keeps its center
+          for (uint32_t c = 0; c < d; ++c) {
+            center[uint64_t{g} * d + c] = sums[uint64_t{g} * d + c] / tw;
+          }
+        }
+      }
+    }
+    // Rows: each group's weighted mean (the centers after the last update), quantized.
+    float* ow = out->weights.data() + uint64_t{kv} * cc;
+    std::fill_n(ow, cc, 0.0f);
+    for (uint32_t i = 0; i < m; ++i) ow[group[i]] += w[live[i]];
+    for (uint32_t g = 0; g < groups && g < cc; ++g) {
+      if (ow[g] <= 0) continue;
+      const float* row = center.data() + uint64_t{g} * d;
+      float amax = 0;
+      for (uint32_t c = 0; c < d; ++c) amax = std::max(amax, std::abs(row[c]));
+      if (!(amax > 0) || !std::isfinite(amax)) continue;
+      const float scale = amax / 127.0f;
+      out->scales[uint64_t{kv} * cc + g] = scale;
+      int8_t* q = out->vectors.data() + (uint64_t{kv} * cc + g) * d;
+      for (uint32_t c = 0; c < d; ++c) {
+        q[c] = static_cast<int8_t>(std::clamp(std::lround(row[c] / scale), -127l, 127l));
+      }
+    }
+  }
+}
+
 std::vector<std::byte> EncodeSummary(const SummaryShape& s, const BlockSummary& summary) {
   std::vector<std::byte> out(kSummaryHeaderBytes + s.weight_elements() * 4 +
                              s.vector_elements() * 2);
@@ -315,10 +417,13 @@ Status DecodeSummary(const SummaryShape& s, std::span<const std::byte> bytes, Bl
   }
   if (kind != static_cast<uint8_t>(s.kind) || rows != s.rows || kv != s.num_kv_heads ||
       d != s.head_dim) {
-    return Status::Corruption("summary: shape does not match the store's (kind " +
-                              std::to_string(kind) + ", rows " + std::to_string(rows) + ", " +
-                              std::to_string(kv) + " KV heads, head_dim " + std::to_string(d) +
-                              ")");
+    return Status::Corruption(
+        "summary: shape does not match the store's (kind " + std::to_string(kind) + ", rows " +
+        std::to_string(rows) + ", " + std::to_string(kv) + " KV heads, head_dim " +
+        std::to_string(d) + "; the store wants rows " + std::to_string(s.rows) +
+        "): written with other retrieval options (the default clusters went from 3 to 12); "
+        "re-index the block (Store::IndexBlock, or Put it again) or open the store with "
+        "the options it was written with");
   }
   if (valid == 0 || valid > s.block_tokens) return Status::Corruption("summary: bad valid_tokens");
   if (bytes.size() != want) return Status::Corruption("summary: wrong length");

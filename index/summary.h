@@ -75,6 +75,26 @@ struct BlockSummary {
 Status SummarizeBlock(const SummaryShape& shape, const void* block, uint32_t valid_tokens,
                       std::span<const float> scores, BlockSummary* out);
 
+// The first pass of two-stage scoring (IndexConfig::coarse_rows, index/layer_index.h): a
+// kClusters summary's C clusters merged into `coarse_rows` (< C) rows per KV head, int8
+// with a scale per row. Per KV head: the non-empty clusters, if no more than coarse_rows,
+// stay one per row; else they are grouped by weighted k-means over the centroids (seed 0
+// the centroid nearest the weighted mean, each further seed the centroid farthest from
+// the seeds so far, ties to the lower index; kKMeansRounds Lloyd rounds, ties to the lower
+// group). A row is its group's weighted mean (the mean of the group's keys), weight the
+// group's tokens; unused rows have weight 0 and a zero vector. Quantization: scale =
+// max |x_c| / 127, value_c = round(x_c / scale) (half away from zero); a zero row has
+// scale 0. Deterministic, in float.
+struct CoarseSummary {
+  std::vector<int8_t> vectors;  // [num_kv_heads][coarse_rows][head_dim]
+  std::vector<float> scales;    // [num_kv_heads][coarse_rows]: row = vectors * scale
+  std::vector<float> weights;   // [num_kv_heads][coarse_rows]
+};
+// `shape` is the full summary's (kClusters), coarse_rows in [1, shape.rows). Resizes
+// `out`'s vectors (no allocation when they already have the size).
+void CoarsenSummary(const SummaryShape& shape, const BlockSummary& summary, uint32_t coarse_rows,
+                    CoarseSummary* out);
+
 // The catalog's bytes for a summary: a version byte, the kind, rows, num_kv_heads,
 // head_dim, valid_tokens, then the weights and the fp16 vectors, little-endian.
 std::vector<std::byte> EncodeSummary(const SummaryShape& shape, const BlockSummary& summary);

@@ -72,6 +72,8 @@ struct Case {
   uint32_t rows;
   SelectionScope scope;
   IndexBackend backend = IndexBackend::kScan;
+  uint32_t coarse_rows = 0;  // two-stage scoring when > 0
+  uint32_t shortlist_factor = 0;
 };
 
 class LayerIndexVsReference : public ::testing::TestWithParam<Case> {};
@@ -79,6 +81,8 @@ class LayerIndexVsReference : public ::testing::TestWithParam<Case> {};
 TEST_P(LayerIndexVsReference, SameSelectionAsTheDefinition) {
   const Case p = GetParam();
   IndexConfig c = Config(p.kind, p.rows, p.backend);
+  c.coarse_rows = p.coarse_rows;
+  c.shortlist_factor = p.shortlist_factor;
   auto index = CreateLayerIndex(c);
   ASSERT_TRUE(index.ok()) << index.status().ToString();
   const uint64_t n = 300;
@@ -127,17 +131,94 @@ INSTANTIATE_TEST_SUITE_P(
         Case{SummaryKind::kMean, 1, SelectionScope::kPerLayer, IndexBackend::kGpu},
         Case{SummaryKind::kTopR, 4, SelectionScope::kPerKvHead, IndexBackend::kGpu}));
 
+// Two-stage scoring: a shortlist of shortlist_factor * 10 of the ~287 candidates (per KV
+// head for kPerKvHead), rescored with the full summary.
+INSTANTIATE_TEST_SUITE_P(
+    TwoStage, LayerIndexVsReference,
+    ::testing::Values(
+        Case{SummaryKind::kClusters, 8, SelectionScope::kPerLayer, IndexBackend::kScan, 2, 3},
+        Case{SummaryKind::kClusters, 6, SelectionScope::kPerKvHead, IndexBackend::kScan, 1, 2},
+        Case{SummaryKind::kClusters, 12, SelectionScope::kPerLayer, IndexBackend::kScan, 3, 1},
+        Case{SummaryKind::kClusters, 4, SelectionScope::kPerKvHead, IndexBackend::kScan, 2, 4}));
+
+// The two stages as defined: when the shortlist holds every candidate, the selection is
+// the one-stage estimator's over the full summaries (the fine set then holds every
+// block); with a short shortlist it is the shortlist's best, which the one-stage
+// selection need not be (the test would not notice a backend that skipped the first
+// pass otherwise).
+TEST(LayerIndex, TwoStageIsOneStageWhenEveryCandidateIsShortlisted) {
+  IndexConfig one = Config(SummaryKind::kClusters, 8);
+  IndexConfig two = one;
+  two.coarse_rows = 2;
+  two.shortlist_factor = 30;  // 30 * 10 >= 200 candidates
+  IndexConfig narrow = two;
+  narrow.shortlist_factor = 1;
+  auto index = CreateLayerIndex(two);
+  ASSERT_TRUE(index.ok()) << index.status().ToString();
+  const uint64_t n = 200;
+  std::vector<BlockSummary> sums = RandomSummaries(one, n, 21);
+  std::vector<uint64_t> ids;
+  std::vector<const BlockSummary*> ptrs;
+  for (uint64_t b = 0; b < n; ++b) {
+    ASSERT_TRUE((*index)->Add(b, sums[b]).ok());
+    ids.push_back(b);
+    ptrs.push_back(&sums[b]);
+  }
+  std::mt19937_64 rng(22);
+  int narrow_differs = 0;
+  for (int step = 0; step < 6; ++step) {
+    const std::vector<float> q = Randn(kHq * kD, rng, 2.0f);
+    const SelectParams sp{q, 10};
+    std::vector<int64_t> got(10), want(10), want_narrow(10);
+    std::vector<float> gs(10), ws(10), wn(10);
+    ASSERT_TRUE((*index)->Select(sp, got, gs).ok());
+    ASSERT_TRUE(ReferenceSelect(one, ids, ptrs, sp, want, ws).ok());
+    ExpectSameSelection(got, gs, want, ws);
+    ASSERT_TRUE(ReferenceSelect(narrow, ids, ptrs, sp, want_narrow, wn).ok());
+    std::vector<int64_t> a = want, b = want_narrow;
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    narrow_differs += a != b;
+  }
+  EXPECT_GT(narrow_differs, 0);
+}
+
+TEST(LayerIndex, TwoStageConfigChecked) {
+  const auto code = [](IndexConfig c) { return CreateLayerIndex(c).status().code(); };
+  IndexConfig c = Config(SummaryKind::kClusters, 8);
+  c.coarse_rows = 2;
+  c.shortlist_factor = 4;
+  EXPECT_EQ(code(c), StatusCode::kOk);
+  IndexConfig bad = c;
+  bad.backend = IndexBackend::kGpu;
+  EXPECT_EQ(code(bad), StatusCode::kInvalidArgument);
+  bad = c;
+  bad.summary.kind = SummaryKind::kTopR;
+  EXPECT_EQ(code(bad), StatusCode::kInvalidArgument);
+  bad = c;
+  bad.coarse_rows = 8;  // not below rows
+  EXPECT_EQ(code(bad), StatusCode::kInvalidArgument);
+  bad = c;
+  bad.shortlist_factor = 0;
+  EXPECT_EQ(code(bad), StatusCode::kInvalidArgument);
+  bad = c;
+  bad.coarse_rows = 0;
+  EXPECT_EQ(code(bad), StatusCode::kInvalidArgument);
+}
+
 // A block holding one key aligned with a query head (logit 12) outranks blocks of random
 // keys with random offsets: the clusters keep the needle, the mean dilutes it 16-fold.
 TEST(LayerIndex, ClustersFindALoneNeedleThatTheMeanDilutes) {
   std::mt19937_64 rng(5);
   const std::vector<float> q = Randn(kHq * kD, rng, 1.0f);
-  std::vector<uint64_t> hits(2, 0);
-  const SummaryKind kinds[2] = {SummaryKind::kClusters, SummaryKind::kMean};
+  std::vector<uint64_t> hits(3, 0);
+  // Clusters; the mean; two-stage, 8 clusters behind 2 coarse rows and a shortlist of 2.
+  const SummaryKind kinds[3] = {SummaryKind::kClusters, SummaryKind::kMean, SummaryKind::kClusters};
   for (int trial = 0; trial < 10; ++trial) {
     const uint64_t needle_block = 5 + trial * 3;
-    for (int k = 0; k < 2; ++k) {
-      IndexConfig c = Config(kinds[k], k == 0 ? 4 : 1);
+    for (int k = 0; k < 3; ++k) {
+      IndexConfig c = Config(kinds[k], k == 0 ? 4 : k == 1 ? 1 : 8);
+      if (k == 2) c.coarse_rows = 2, c.shortlist_factor = 2;
       auto index = CreateLayerIndex(c);
       ASSERT_TRUE(index.ok());
       std::mt19937_64 brng(100 + trial);
@@ -167,6 +248,7 @@ TEST(LayerIndex, ClustersFindALoneNeedleThatTheMeanDilutes) {
   }
   EXPECT_EQ(hits[0], 10u);
   EXPECT_LT(hits[1], 10u);
+  EXPECT_EQ(hits[2], 10u);
 }
 
 TEST(LayerIndex, AddReplacesRemoveForgetsAndPadding) {

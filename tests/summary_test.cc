@@ -117,6 +117,74 @@ TEST(Summary, ClustersPartitionTheTokensAndIsolateAnOutlier) {
   }
 }
 
+// CoarsenSummary (two-stage scoring's first pass): per KV head the weights sum to the
+// valid tokens, each row is within half a quantization step of the weighted mean of the
+// clusters merged into it, the needle's cluster keeps a row of its own, and the result
+// is a pure function of the summary.
+TEST(Summary, CoarseRowsMergeClustersAndKeepTheNeedle) {
+  Block b = RandomBlock(SummaryKind::kClusters, 8, 14, 2, 128, 32);
+  for (uint32_t c = 0; c < 32; ++c) b.key(1, 77, c) = 12.0f * ((c % 3 == 0) ? 1.0f : -0.5f);
+  BlockSummary s;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 128, {}, &s).ok());
+  for (uint32_t cr : {1u, 2u, 3u}) {
+    SCOPED_TRACE(cr);
+    CoarseSummary c, again;
+    CoarsenSummary(b.shape, s, cr, &c);
+    CoarsenSummary(b.shape, s, cr, &again);
+    EXPECT_EQ(c.vectors, again.vectors);
+    EXPECT_EQ(c.scales, again.scales);
+    EXPECT_EQ(c.weights, again.weights);
+    ASSERT_EQ(c.vectors.size(), 2u * cr * 32);
+    for (uint32_t kv = 0; kv < 2; ++kv) {
+      float total = 0;
+      for (uint32_t j = 0; j < cr; ++j) total += c.weights[kv * cr + j];
+      EXPECT_EQ(total, 128.0f);
+      // Each fine cluster goes to the coarse row nearest it; the weighted mean of the
+      // fine clusters of a row is the row.
+      std::vector<double> sum(cr * 32, 0.0), w(cr, 0.0);
+      for (uint32_t j = 0; j < 8; ++j) {
+        if (s.weights[kv * 8 + j] <= 0) continue;
+        uint32_t best = 0;
+        double bd = INFINITY;
+        for (uint32_t g = 0; g < cr; ++g) {
+          if (c.weights[kv * cr + g] <= 0) continue;
+          double dist = 0;
+          for (uint32_t x = 0; x < 32; ++x) {
+            const double r = c.vectors[(kv * cr + g) * 32 + x] * double(c.scales[kv * cr + g]);
+            dist += (Vec(s, b.shape, kv, j, x) - r) * (Vec(s, b.shape, kv, j, x) - r);
+          }
+          if (dist < bd) bd = dist, best = g;
+        }
+        w[best] += s.weights[kv * 8 + j];
+        for (uint32_t x = 0; x < 32; ++x) {
+          sum[best * 32 + x] += s.weights[kv * 8 + j] * Vec(s, b.shape, kv, j, x);
+        }
+      }
+      for (uint32_t g = 0; g < cr; ++g) {
+        EXPECT_EQ(w[g], c.weights[kv * cr + g]) << "kv " << kv << " row " << g;
+        if (w[g] == 0) continue;
+        for (uint32_t x = 0; x < 32; ++x) {
+          const double r = c.vectors[(kv * cr + g) * 32 + x] * double(c.scales[kv * cr + g]);
+          EXPECT_NEAR(r, sum[g * 32 + x] / w[g], 0.5 * c.scales[kv * cr + g] + 1e-3);
+        }
+      }
+    }
+    if (cr >= 2) {
+      bool needle = false;
+      for (uint32_t g = 0; g < cr; ++g) needle |= c.weights[cr + g] == 1.0f;
+      EXPECT_TRUE(needle);
+    }
+  }
+  // Fewer live clusters than coarse rows: each keeps its own row.
+  BlockSummary few;
+  ASSERT_TRUE(SummarizeBlock(b.shape, b.data.data(), 2, {}, &few).ok());
+  CoarseSummary c;
+  CoarsenSummary(b.shape, few, 3, &c);
+  EXPECT_EQ(c.weights[0] + c.weights[1] + c.weights[2], 2.0f);
+  EXPECT_EQ(c.weights[2], 0.0f);
+  EXPECT_EQ(c.scales[2], 0.0f);
+}
+
 TEST(Summary, FewerTokensThanClustersLeavesEmptyClusters) {
   Block b = RandomBlock(SummaryKind::kClusters, 4, 5);
   BlockSummary s;

@@ -87,6 +87,9 @@ Result<std::unique_ptr<RetrievalIndexes>> RetrievalIndexes::Create(
   }
   KVTIER_RETURN_IF_ERROR(CheckRange("clusters", options.clusters, 1, kMaxSummaryRows));
   KVTIER_RETURN_IF_ERROR(CheckRange("top_r", options.top_r, 1, kMaxSummaryRows));
+  KVTIER_RETURN_IF_ERROR(
+      CheckRange("coarse_clusters", options.coarse_clusters, 0, kMaxSummaryRows));
+  KVTIER_RETURN_IF_ERROR(CheckRange("shortlist_factor", options.shortlist_factor, 0, 1024));
   KVTIER_RETURN_IF_ERROR(CheckRange("top_k", options.top_k, 1, 65536));
   KVTIER_RETURN_IF_ERROR(
       CheckRange("prefetch_extra", options.prefetch_extra, 0, kMaxPrefetchExtra));
@@ -109,6 +112,13 @@ Result<std::unique_ptr<RetrievalIndexes>> RetrievalIndexes::Create(
   config.backend = options.backend == IndexBackend::kAuto ? IndexBackend::kScan : options.backend;
   config.hnsw_m = options.hnsw_m;
   config.hnsw_ef_search = options.hnsw_ef_search;
+  // Two-stage scoring where it applies (kvtier/retrieval.h); else one pass.
+  if (config.backend == IndexBackend::kScan && options.summary == SummaryKind::kClusters &&
+      options.coarse_clusters > 0 && options.shortlist_factor > 0 &&
+      options.coarse_clusters < options.clusters) {
+    config.coarse_rows = options.coarse_clusters;
+    config.shortlist_factor = options.shortlist_factor;
+  }
   KVTIER_RETURN_IF_ERROR(ValidateSummaryShape(config.summary).WithContext("retrieval"));
   // One index, thrown away: a backend that cannot be had fails Open, not the first Put.
   Result<std::unique_ptr<LayerIndex>> probe = CreateLayerIndex(config);

@@ -13,7 +13,9 @@
 //   kClusters  (default) C centroids per KV head from a few rounds of k-means over the
 //              block's keys (farthest-point seeding from the mean key, so a lone
 //              outlying key, a "needle", keeps a centroid of its own), each with its
-//              token count. Needs no attention scores.
+//              token count. Needs no attention scores. The scan backend scores them in
+//              two stages: merged into a few int8 rows for a pass over every block, then
+//              in full for a shortlist (RetrievalOptions::coarse_clusters).
 //   kMean      the mean key (C = 1, weight = tokens): InfLLM's representative without
 //              scores.
 //   kMinMax    per-channel min and max (Quest).
@@ -84,14 +86,25 @@ struct RetrievalOptions {
   // Default: false (a plain cache pays nothing).
   bool enabled = false;
 
-  // Default: kClusters with 3 centroids per KV head, for the 1 ms Select budget at 128K
-  // tokens on one core. Recall@16 rises with the centroids (`kvtier-bench retrieval`,
-  // three workload seeds: 3 -> 0.88 at 128K tokens, 6 -> 0.90, 8 -> 0.91) and so do
-  // Select time and summary bytes, about linearly (6: twice the default's);
-  // bench/RESULTS.md. R = 4 for kTopR.
+  // Default: kClusters with 12 centroids per KV head, scored in two stages (below), for
+  // recall@16 >= 0.9 within the 1 ms Select budget at 128K tokens on one core
+  // (`kvtier-bench retrieval`, three workload seeds; bench/RESULTS.md). Summarising a
+  // 512 KiB block takes ~0.9 ms (3 centroids: ~0.3 ms); the catalog stores 25 KB per
+  // block of Llama-3-8B (3: 6 KB). R = 4 for kTopR. A store written with other summary
+  // options does not index its blocks until they are indexed again (the store logs it).
   SummaryKind summary = SummaryKind::kClusters;
-  uint32_t clusters = 3;
+  uint32_t clusters = 12;
   uint32_t top_r = 4;
+
+  // Two-stage scoring (kClusters on the scan backend): a first pass over every block with
+  // each block's clusters merged into coarse_clusters int8 rows per KV head keeps the
+  // shortlist_factor * top_k best candidates; the full summaries of those (and of the
+  // sink and local-window blocks, for the normalisation) rank them
+  // (index/layer_index.h). It reads ~1/2 the bytes of a one-pass scan of 3 centroids and
+  // ranks by 12. 0 (either), or coarse_clusters >= clusters: one pass over the full
+  // summaries, as the other backends always do. Default: 2 and 3.
+  uint32_t coarse_clusters = 2;
+  uint32_t shortlist_factor = 3;
 
   // Default: kAuto.
   IndexBackend backend = IndexBackend::kAuto;
