@@ -5,7 +5,8 @@ if(TARGET kvtier_server)
   add_executable(kvtier_client_tests
     client_store_test.cc
     client_reconnect_test.cc
-    client_fake_daemon_test.cc)
+    client_fake_daemon_test.cc
+    client_device_test.cc)
   add_dependencies(kvtier_client_tests kvtier_protocol_header)
   target_include_directories(kvtier_client_tests PRIVATE ${PROJECT_SOURCE_DIR}
                                                          ${KVTIER_GENERATED_DIR})

@@ -113,13 +113,15 @@ TEST_F(ClientStoreTest, RefusesLocallyWhatTheEmbeddedStoreRefuses) {
   EXPECT_EQ(statuses[1].code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(statuses[2].ok());
   EXPECT_TRUE(store->Contains(Key(1, 0, 2)));
-  // The GPU tier is not served through the daemon.
+  // The GPU tier is the client's own (tests/client_device_test.cc): this one has none.
   std::vector<int64_t> blocks = {0};
   std::vector<uint64_t> addresses(1);
   Result<AcquireInfo> acquired = store->Acquire(0, SequenceId{0, 1}, 0, blocks, nullptr, addresses);
-  EXPECT_EQ(acquired.status().code(), StatusCode::kNotSupported);
-  EXPECT_NE(acquired.status().message().find("CUDA IPC"), std::string::npos);
-  EXPECT_EQ(store->Release(1).code(), StatusCode::kNotSupported);
+  EXPECT_EQ(acquired.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(acquired.status().message().find("no GPU tier"), std::string::npos);
+  EXPECT_EQ(store->Release(1).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store->Acquire(3, SequenceId{0, 1}, 0, blocks, nullptr, addresses).status().code(),
+            StatusCode::kPermissionDenied);
 }
 
 TEST_F(ClientStoreTest, BatchesBiggerThanTheStagingAreaAreChunked) {

@@ -3,15 +3,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "src/core/paged_put.h"
 #include "src/server/protocol/codec.h"
 
 namespace kvtier::client {
-namespace {
-
-constexpr std::string_view kNeedsCudaIpc =
-    " through kvtierd needs the CUDA IPC path, which is not built yet; use an embedded store";
-
-}  // namespace
 
 Result<std::unique_ptr<SidecarStore>> SidecarStore::Open(const StoreOptions& options,
                                                          const ModelLayout& layout) {
@@ -20,7 +15,9 @@ Result<std::unique_ptr<SidecarStore>> SidecarStore::Open(const StoreOptions& opt
   }
   KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<SidecarClient> client,
                           SidecarClient::Connect(options.sidecar, layout));
-  return std::unique_ptr<SidecarStore>(new SidecarStore(options, layout, std::move(client)));
+  std::unique_ptr<SidecarStore> store(new SidecarStore(options, layout, std::move(client)));
+  KVTIER_ASSIGN_OR_RETURN(store->device_, SidecarDevice::Create(store.get(), options, layout));
+  return store;
 }
 
 SidecarStore::SidecarStore(const StoreOptions& options, const ModelLayout& layout,
@@ -30,7 +27,7 @@ SidecarStore::SidecarStore(const StoreOptions& options, const ModelLayout& layou
       block_bytes_(layout.BytesPerBlock()),
       client_(std::move(client)) {}
 
-SidecarStore::~SidecarStore() = default;
+SidecarStore::~SidecarStore() { device_.reset(); }
 
 // --- Local checks ------------------------------------------------------------------------
 
@@ -107,12 +104,25 @@ void SidecarStore::CompleteLater(Completion done, Status status) const {
   client_->Post([done = std::move(done), status = std::move(status)] { done(status); });
 }
 
+namespace {
+
+// The blocks of a Put (whatever its outcome) leave the client's GPU tier.
+void InvalidateWrites(SidecarDevice* device, std::span<const BlockWrite> writes) {
+  if (device == nullptr || !device->has_tier()) return;
+  for (const BlockWrite& w : writes) device->Invalidate(w.key);
+}
+
+}  // namespace
+
 // --- Block transfers ---------------------------------------------------------------------
 
 Status SidecarStore::PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses) {
   Status refused;
   std::shared_ptr<Transfer> t = MakePut(writes, statuses, &refused);
-  return t != nullptr ? client_->Submit(std::move(t)) : refused;
+  if (t == nullptr) return refused;
+  Status s = client_->Submit(std::move(t));
+  InvalidateWrites(device_.get(), writes);
+  return s;
 }
 
 Status SidecarStore::GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) {
@@ -126,7 +136,10 @@ void SidecarStore::PutBatchAsync(std::span<const BlockWrite> writes, std::span<S
   Status refused;
   std::shared_ptr<Transfer> t = MakePut(writes, statuses, &refused);
   if (t == nullptr) return CompleteLater(std::move(done), std::move(refused));
-  t->done = std::move(done);
+  t->done = [device = std::weak_ptr(device_), writes, done = std::move(done)](Status s) {
+    InvalidateWrites(device.lock().get(), writes);
+    done(std::move(s));
+  };
   (void)client_->Submit(std::move(t));
 }
 
@@ -148,7 +161,10 @@ void SidecarStore::PutAsync(const BlockKey& key, const void* data, uint64_t byte
   t->one_status = CheckKey(key);
   if (t->one_status.ok()) t->one_status = CheckBuffer(data, bytes);
   t->statuses = std::span<Status>(&t->one_status, 1);
-  t->done = std::move(done);
+  t->done = [device = std::weak_ptr(device_), key, done = std::move(done)](Status s) {
+    if (auto d = device.lock(); d != nullptr && d->has_tier()) d->Invalidate(key);
+    done(std::move(s));
+  };
   (void)client_->Submit(std::move(t));
 }
 
@@ -198,13 +214,15 @@ Status SidecarStore::Delete(const BlockKey& key) {
   flatbuffers::FlatBufferBuilder fbb(128);
   const wire::Key k = wire::ToWire(key);
   fbb.Finish(wire::CreateKeysRequest(fbb, fbb.CreateVectorOfStructs(&k, 1)));
-  return client_->Call(wire::Opcode::kDelete, fbb, [](std::span<const uint8_t> body) {
+  Status s = client_->Call(wire::Opcode::kDelete, fbb, [](std::span<const uint8_t> body) {
     const auto* reply = flatbuffers::GetRoot<wire::BatchReply>(body.data());
     if (reply->members() != nullptr && reply->members()->size() == 1) {
       return wire::FromWire(reply->members()->Get(0));
     }
     return wire::FromWire(reply->outcome());
   });
+  device_->Invalidate(key);
+  return s;
 }
 
 Result<uint64_t> SidecarStore::DropSequence(uint32_t namespace_id, const SequenceId& sequence) {
@@ -218,6 +236,7 @@ Result<uint64_t> SidecarStore::DropSequence(uint32_t namespace_id, const Sequenc
         count = reply->count();
         return wire::FromWire(reply->outcome());
       }));
+  device_->InvalidateSequence(namespace_id, sequence);
   return count;
 }
 
@@ -234,6 +253,7 @@ StoreStats SidecarStore::Stats() const {
   // Unreachable daemon: only what is known here.
   if (!s.ok()) stats = StoreStats{};
   stats.block_bytes = block_bytes_;
+  device_->AddStats(&stats);  // the daemon has no GPU tier: this process's
   return stats;
 }
 
@@ -301,26 +321,27 @@ Result<SelectInfo> SidecarStore::Select(uint32_t namespace_id, const SequenceId&
   return info;
 }
 
-// --- Not served by the daemon yet ----------------------------------------------------------
+// --- The GPU side: in this process (sidecar_device.h) --------------------------------------
 
-Status SidecarStore::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc&,
-                                       const void*, const void*, std::span<const int32_t>,
-                                       CUstream_st*, std::span<Status> statuses) {
-  const Status s =
-      Status::NotSupported(std::string("PutFromPagedCache") + std::string(kNeedsCudaIpc));
-  if (statuses.size() == keys.size()) std::fill(statuses.begin(), statuses.end(), s);
-  return s;
+Status SidecarStore::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                                       const void* k_base, const void* v_base,
+                                       std::span<const int32_t> page_table, CUstream_st* stream,
+                                       std::span<Status> statuses) {
+  KVTIER_RETURN_IF_ERROR(
+      ValidatePagedPut(layout_, keys.size(), cache, k_base, v_base, page_table, statuses.size()));
+  for (const BlockKey& key : keys) KVTIER_RETURN_IF_ERROR(CheckKey(key));
+  return device_->PutFromPagedCache(keys, cache, k_base, v_base, page_table, stream, statuses);
 }
 
-Result<AcquireInfo> SidecarStore::Acquire(uint32_t, const SequenceId&, uint32_t,
-                                          std::span<const int64_t>, CUstream_st*,
-                                          std::span<uint64_t>, std::span<const float>) {
-  return Status::NotSupported(std::string("Acquire (the GPU tier)") + std::string(kNeedsCudaIpc));
+Result<AcquireInfo> SidecarStore::Acquire(uint32_t namespace_id, const SequenceId& sequence,
+                                          uint32_t layer, std::span<const int64_t> blocks,
+                                          CUstream_st* stream, std::span<uint64_t> device_addresses,
+                                          std::span<const float> scores) {
+  KVTIER_RETURN_IF_ERROR(CheckNamespace(namespace_id));
+  return device_->Acquire(namespace_id, sequence, layer, blocks, stream, device_addresses, scores);
 }
 
-Status SidecarStore::Release(uint64_t) {
-  return Status::NotSupported(std::string("Release (the GPU tier)") + std::string(kNeedsCudaIpc));
-}
+Status SidecarStore::Release(uint64_t lease) { return device_->Release(lease); }
 
 }  // namespace kvtier::client
 

@@ -2,7 +2,8 @@
 // Store::Open when StoreOptions::sidecar names a daemon. Each call becomes requests of
 // the protocol (src/server/protocol/PROTOCOL.md) on SidecarClient's connection; what can
 // be refused without the daemon (a buffer of the wrong size, a key of another namespace)
-// is refused here.
+// is refused here. The GPU tier and the gather from a paged cache stay in this process
+// (src/client/sidecar_device.h).
 //
 // Thread safety: as Store. Completions of the asynchronous calls run on the client's
 // dispatcher thread, never the caller's.
@@ -14,6 +15,7 @@
 #include "kvtier/client.h"
 #include "kvtier/store.h"
 #include "src/client/sidecar_client.h"
+#include "src/client/sidecar_device.h"
 
 namespace kvtier::client {
 
@@ -86,6 +88,9 @@ class SidecarStore final : public Store {
   const ModelLayout layout_;
   const uint64_t block_bytes_;
   const std::unique_ptr<SidecarClient> client_;
+  // Reset first when the store closes (its prefetches Get through the client). The
+  // completions of asynchronous Puts hold it weakly: they run until the client is gone.
+  std::shared_ptr<SidecarDevice> device_;
 };
 
 }  // namespace kvtier::client

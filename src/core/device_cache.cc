@@ -1188,4 +1188,77 @@ Status DeviceCache::Validate() const {
   return Status::OK();
 }
 
+// --- Helpers for the stores that own a cache -------------------------------------------
+
+DeviceCacheOptions DeviceCacheOptionsFor(const RetrievalOptions& r) {
+  DeviceCacheOptions o;
+  o.policy = r.replacement;
+  o.score_decay = r.score_decay;
+  o.prefetch = r.prefetch;
+  o.force_emulated = r.force_emulated_device;
+  o.per_layer_capacity_blocks = r.device_blocks_per_layer;
+  return o;
+}
+
+void AddDeviceCacheStats(const DeviceCacheStats& c, StoreStats* s) {
+  s->device_capacity_bytes = c.capacity_bytes;
+  s->device_slots = c.slots;
+  s->device_blocks = c.resident_blocks;
+  s->device_emulated = c.emulated;
+  s->acquires = c.acquires;
+  s->acquired_blocks = c.acquired_blocks;
+  s->device_hits = c.hits;
+  s->device_fetches_host = c.fetches_host;
+  s->device_fetches_disk = c.fetches_disk;
+  s->device_bytes_in = c.bytes_in;
+  s->device_evictions = c.evictions;
+  s->prefetches = c.prefetches;
+  s->prefetch_hits = c.prefetch_hits;
+  s->acquire_stall_nanos = c.stall_nanos;
+}
+
+size_t PrefetchPlanner::LayerKeyHash::operator()(const LayerKey& k) const noexcept {
+  return SequenceIdHash{}(k.sequence) ^ (size_t{k.namespace_id} * 0x9E3779B97F4A7C15ull) ^
+         (size_t{k.layer} * 0xC2B2AE3D27D4EB4Full);
+}
+
+void PrefetchPlanner::NoteAcquired(uint32_t namespace_id, const SequenceId& sequence,
+                                   uint32_t layer, std::span<const int64_t> blocks) {
+  MutexLock lock(&mu_);
+  LayerHistory& h = history_[LayerKey{namespace_id, sequence, layer}];
+  h.acquired.assign(blocks.begin(), blocks.end());
+}
+
+void PrefetchPlanner::NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence,
+                                    uint32_t layer, std::span<const int64_t> blocks) {
+  MutexLock lock(&mu_);
+  LayerHistory& h = history_[LayerKey{namespace_id, sequence, layer}];
+  h.runners_up.assign(blocks.begin(), blocks.end());
+}
+
+void PrefetchPlanner::Forget(uint32_t namespace_id, const SequenceId& sequence) {
+  MutexLock lock(&mu_);
+  for (uint32_t layer = 0; layer < num_layers_; ++layer) {
+    history_.erase(LayerKey{namespace_id, sequence, layer});
+  }
+}
+
+void PrefetchPlanner::PrefetchAfterAcquire(DeviceCache& cache, uint32_t namespace_id,
+                                           const SequenceId& sequence, uint32_t layer) {
+  MutexLock lock(&mu_);
+  auto it = history_.find(LayerKey{namespace_id, sequence, layer});
+  if (it == history_.end()) return;
+  if (layer + 1 < num_layers_) {
+    scratch_.assign(it->second.acquired.begin(), it->second.acquired.end());
+    auto next = history_.find(LayerKey{namespace_id, sequence, layer + 1});
+    if (next != history_.end()) {
+      scratch_.insert(scratch_.end(), next->second.acquired.begin(), next->second.acquired.end());
+    }
+    if (!scratch_.empty()) (void)cache.Prefetch(namespace_id, sequence, layer + 1, scratch_);
+  }
+  if (!it->second.runners_up.empty()) {
+    (void)cache.Prefetch(namespace_id, sequence, layer, it->second.runners_up);
+  }
+}
+
 }  // namespace kvtier

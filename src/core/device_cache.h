@@ -70,6 +70,7 @@
 #include <optional>
 #include <span>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "kernels/cuda_runtime.h"
@@ -308,6 +309,59 @@ class DeviceCache {
   uint64_t resident_ KVTIER_GUARDED_BY(mu_) = 0;
   DeviceCacheStats stats_ KVTIER_GUARDED_BY(mu_);
   std::thread prefetch_thread_;
+};
+
+// The cache's options for a store's retrieval options (policy, decay, prefetch, the
+// emulation switch, InfLLM's per-layer capacity).
+DeviceCacheOptions DeviceCacheOptionsFor(const RetrievalOptions& retrieval);
+
+// Copies the cache's counters into the GPU-tier fields of `stats`.
+void AddDeviceCacheStats(const DeviceCacheStats& cache, StoreStats* stats);
+
+// The blocks worth prefetching after each Acquire, from what recent calls asked for:
+// while the engine computes layer l, for layer l + 1 the blocks layer l just acquired
+// (adjacent layers attend to the same positions: when layer l's selection moves to a
+// new span, the next layers' usually do too) and what layer l + 1 acquired last step (in
+// case it was evicted since); for layer l, its last Select's runners-up (the likely
+// newcomers at the next step as the queries drift). The cache skips blocks that are
+// resident or on their way and drops what does not fit without stalling.
+//
+// Thread safety: every method may be called from any thread (one mutex).
+class PrefetchPlanner {
+ public:
+  explicit PrefetchPlanner(uint32_t num_layers) : num_layers_(num_layers) {}
+
+  // Records the blocks an Acquire of (sequence, layer) asked for, and the runners-up
+  // its Select ranked after its top_k.
+  void NoteAcquired(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                    std::span<const int64_t> blocks) KVTIER_EXCLUDES(mu_);
+  void NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                     std::span<const int64_t> blocks) KVTIER_EXCLUDES(mu_);
+  // Drops a sequence's history (DropSequence), so that it does not outlive the sequence.
+  void Forget(uint32_t namespace_id, const SequenceId& sequence) KVTIER_EXCLUDES(mu_);
+  // Asks `cache` to prefetch what follows an Acquire of (sequence, layer) (see above).
+  void PrefetchAfterAcquire(DeviceCache& cache, uint32_t namespace_id, const SequenceId& sequence,
+                            uint32_t layer) KVTIER_EXCLUDES(mu_);
+
+ private:
+  struct LayerKey {
+    uint32_t namespace_id;
+    SequenceId sequence;
+    uint32_t layer;
+    friend bool operator==(const LayerKey&, const LayerKey&) = default;
+  };
+  struct LayerKeyHash {
+    size_t operator()(const LayerKey& k) const noexcept;
+  };
+  struct LayerHistory {
+    std::vector<int64_t> acquired;    // the last Acquire's blocks
+    std::vector<int64_t> runners_up;  // the last Select's ranks top_k .. top_k + extra
+  };
+
+  const uint32_t num_layers_;
+  Mutex mu_;
+  std::unordered_map<LayerKey, LayerHistory, LayerKeyHash> history_ KVTIER_GUARDED_BY(mu_);
+  std::vector<int64_t> scratch_ KVTIER_GUARDED_BY(mu_);
 };
 
 }  // namespace kvtier

@@ -639,7 +639,7 @@ Result<uint64_t> EmbeddedStore::DropSequence(uint32_t namespace_id, const Sequen
     ++d.stats.dropped_sequences;
     d.stats.dropped_blocks += n;
   }
-  if (d.device != nullptr) d.ForgetHistory(namespace_id, sequence);
+  if (d.device != nullptr) d.prefetch_planner->Forget(namespace_id, sequence);
   return n;
 }
 
@@ -665,23 +665,7 @@ StoreStats EmbeddedStore::Stats() const {
   }
   s.dirty_blocks = d.dirty_versions.size();
   if (d.retrieval != nullptr) d.retrieval->AddStats(&s);
-  if (d.device != nullptr) {
-    const DeviceCacheStats c = d.device->stats();
-    s.device_capacity_bytes = c.capacity_bytes;
-    s.device_slots = c.slots;
-    s.device_blocks = c.resident_blocks;
-    s.device_emulated = c.emulated;
-    s.acquires = c.acquires;
-    s.acquired_blocks = c.acquired_blocks;
-    s.device_hits = c.hits;
-    s.device_fetches_host = c.fetches_host;
-    s.device_fetches_disk = c.fetches_disk;
-    s.device_bytes_in = c.bytes_in;
-    s.device_evictions = c.evictions;
-    s.prefetches = c.prefetches;
-    s.prefetch_hits = c.prefetch_hits;
-    s.acquire_stall_nanos = c.stall_nanos;
-  }
+  if (d.device != nullptr) AddDeviceCacheStats(d.device->stats(), &s);
   return s;
 }
 

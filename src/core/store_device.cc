@@ -61,65 +61,13 @@ void EmbeddedStore::Impl::StoreBlockSource::UnpinHost(std::span<const BlockKey>,
 Status EmbeddedStore::Impl::OpenDevice() {
   const RetrievalOptions& r = options.retrieval;
   if (!r.enabled || r.device_capacity_bytes == 0) return Status::OK();
-  DeviceCacheOptions o;
-  o.policy = r.replacement;
-  o.score_decay = r.score_decay;
-  o.prefetch = r.prefetch;
-  o.force_emulated = r.force_emulated_device;
-  o.per_layer_capacity_blocks = r.device_blocks_per_layer;
   block_source = std::make_unique<StoreBlockSource>(this);
   KVTIER_ASSIGN_OR_RETURN(
-      device, DeviceCache::Create(block_bytes, r.device_capacity_bytes, o, block_source.get()));
+      device, DeviceCache::Create(block_bytes, r.device_capacity_bytes, DeviceCacheOptionsFor(r),
+                                  block_source.get()));
   device->AddPinnedHostRange(pool->SlotData(0), pool->region().size());
+  prefetch_planner = std::make_unique<PrefetchPlanner>(layout.num_layers);
   return Status::OK();
-}
-
-void EmbeddedStore::Impl::NoteAcquired(uint32_t namespace_id, const SequenceId& sequence,
-                                       uint32_t layer, std::span<const int64_t> blocks) {
-  MutexLock lock(&history_mu);
-  LayerHistory& h = history[LayerKey{namespace_id, sequence, layer}];
-  h.acquired.assign(blocks.begin(), blocks.end());
-}
-
-void EmbeddedStore::Impl::NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence,
-                                        uint32_t layer, std::span<const int64_t> blocks) {
-  MutexLock lock(&history_mu);
-  LayerHistory& h = history[LayerKey{namespace_id, sequence, layer}];
-  h.runners_up.assign(blocks.begin(), blocks.end());
-}
-
-void EmbeddedStore::Impl::ForgetHistory(uint32_t namespace_id, const SequenceId& sequence) {
-  MutexLock lock(&history_mu);
-  for (uint32_t layer = 0; layer < layout.num_layers; ++layer) {
-    history.erase(LayerKey{namespace_id, sequence, layer});
-  }
-}
-
-// While the engine computes layer l, in this order: for layer l + 1, the blocks layer l
-// just acquired (adjacent layers attend to the same positions: when layer l's selection
-// moves to a new span, the next layers' usually do too), and what layer l + 1 acquired
-// last step (in case it was evicted since); for layer l, its Select's runners-up (the
-// likely newcomers at the next step as the queries drift). The cache skips blocks that
-// are resident or on their way and drops what does not fit without stalling.
-void EmbeddedStore::Impl::PrefetchAfterAcquire(uint32_t namespace_id, const SequenceId& sequence,
-                                               uint32_t layer) {
-  MutexLock lock(&history_mu);
-  auto it = history.find(LayerKey{namespace_id, sequence, layer});
-  if (it == history.end()) return;
-  if (layer + 1 < layout.num_layers) {
-    prefetch_scratch.assign(it->second.acquired.begin(), it->second.acquired.end());
-    auto next = history.find(LayerKey{namespace_id, sequence, layer + 1});
-    if (next != history.end()) {
-      prefetch_scratch.insert(prefetch_scratch.end(), next->second.acquired.begin(),
-                              next->second.acquired.end());
-    }
-    if (!prefetch_scratch.empty()) {
-      (void)device->Prefetch(namespace_id, sequence, layer + 1, prefetch_scratch);
-    }
-  }
-  if (!it->second.runners_up.empty()) {
-    (void)device->Prefetch(namespace_id, sequence, layer, it->second.runners_up);
-  }
 }
 
 }  // namespace kvtier
@@ -149,8 +97,8 @@ Result<AcquireInfo> EmbeddedStore::Acquire(uint32_t namespace_id, const Sequence
   KVTIER_ASSIGN_OR_RETURN(AcquireInfo info, s.device->Acquire(namespace_id, sequence, layer, blocks,
                                                               scores, stream, device_addresses));
   if (s.options.retrieval.prefetch) {
-    s.NoteAcquired(namespace_id, sequence, layer, blocks);
-    s.PrefetchAfterAcquire(namespace_id, sequence, layer);
+    s.prefetch_planner->NoteAcquired(namespace_id, sequence, layer, blocks);
+    s.prefetch_planner->PrefetchAfterAcquire(*s.device, namespace_id, sequence, layer);
   }
   return info;
 }

@@ -312,36 +312,12 @@ struct EmbeddedStore::Impl {
   };
   // At Open, after the host tier: the DeviceCache (none without a device capacity).
   Status OpenDevice();
-  // After an Acquire of (sequence, layer): prefetch the runners-up of its last Select and
-  // the next layer's last selection.
-  void PrefetchAfterAcquire(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer);
-  // Records the blocks an Acquire of (sequence, layer) asked for, and the runners-up
-  // its Select ranked after them (store_retrieval.cc calls NoteRunnersUp).
-  void NoteAcquired(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
-                    std::span<const int64_t> blocks);
+  // Its Select's runners-up and its Acquires, for prefetching (set with `device`).
+  std::unique_ptr<PrefetchPlanner> prefetch_planner;
   void NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
-                     std::span<const int64_t> blocks);
-  // Drops a sequence's history (DropSequence), so that it does not outlive the sequence.
-  void ForgetHistory(uint32_t namespace_id, const SequenceId& sequence);
-  struct LayerKey {
-    uint32_t namespace_id;
-    SequenceId sequence;
-    uint32_t layer;
-    friend bool operator==(const LayerKey&, const LayerKey&) = default;
-  };
-  struct LayerKeyHash {
-    size_t operator()(const LayerKey& k) const noexcept {
-      return SequenceKeyHash{}(SequenceKey{k.namespace_id, k.sequence}) ^
-             (size_t{k.layer} * 0xC2B2AE3D27D4EB4Full);
-    }
-  };
-  struct LayerHistory {
-    std::vector<int64_t> acquired;    // the last Acquire's blocks
-    std::vector<int64_t> runners_up;  // the last Select's ranks top_k .. top_k + extra
-  };
-  Mutex history_mu;
-  std::unordered_map<LayerKey, LayerHistory, LayerKeyHash> history KVTIER_GUARDED_BY(history_mu);
-  std::vector<int64_t> prefetch_scratch KVTIER_GUARDED_BY(history_mu);
+                     std::span<const int64_t> blocks) {
+    prefetch_planner->NoteRunnersUp(namespace_id, sequence, layer, blocks);
+  }
   // Declared before `device`, destroyed after it.
   std::unique_ptr<StoreBlockSource> block_source;
   std::unique_ptr<DeviceCache> device;  // set once at Open

@@ -6,6 +6,7 @@
 
 #include "kernels/cuda_runtime.h"
 #include "kernels/paged_copy.h"
+#include "src/core/paged_put.h"
 #include "src/core/store_impl.h"
 
 namespace kvtier {
@@ -14,14 +15,12 @@ EmbeddedStore::Impl::PinnedScratch::~PinnedScratch() {
   if (data != nullptr) (void)cuda::HostFree(data);
 }
 
-Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
-                                              const PagedCacheDesc& cache, const void* k_base,
-                                              const void* v_base,
-                                              std::span<const int32_t> page_table,
-                                              StreamHandle stream, std::span<Status> statuses) {
-  if (statuses.size() != keys.size()) {
-    return Status::InvalidArgument("PutFromPagedCache: " + std::to_string(statuses.size()) +
-                                   " statuses for " + std::to_string(keys.size()) + " blocks");
+Status ValidatePagedPut(const ModelLayout& layout, size_t blocks, const PagedCacheDesc& cache,
+                        const void* k_base, const void* v_base, std::span<const int32_t> page_table,
+                        size_t statuses) {
+  if (statuses != blocks) {
+    return Status::InvalidArgument("PutFromPagedCache: " + std::to_string(statuses) +
+                                   " statuses for " + std::to_string(blocks) + " blocks");
   }
   if (cache.dtype != layout.dtype || cache.num_kv_heads != layout.num_kv_heads ||
       cache.head_dim != layout.head_dim || cache.block_tokens != layout.block_tokens) {
@@ -32,15 +31,17 @@ Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
         ") does not match the store's layout (" + layout.ToString() + ")");
   }
   const uint64_t entries = PageTableEntriesPerBlock(cache);
-  if (keys.size() > UINT32_MAX || page_table.size() != keys.size() * entries) {
+  if (blocks > UINT32_MAX || page_table.size() != blocks * entries) {
     return Status::InvalidArgument("PutFromPagedCache: a page table of " +
                                    std::to_string(page_table.size()) + " entries for " +
-                                   std::to_string(keys.size()) + " blocks of " +
+                                   std::to_string(blocks) + " blocks of " +
                                    std::to_string(entries) + " entries each");
   }
-  std::vector<void*> slots(keys.size());
+  // ValidatePagedCopy wants the slot array: any non-null one passes (the callers own
+  // their slots).
+  void* const no_slots[1] = {nullptr};
   KVTIER_RETURN_IF_ERROR(ValidatePagedCopy("PutFromPagedCache", cache, k_base, v_base,
-                                           page_table.data(), uint32_t(keys.size()), slots.data()));
+                                           page_table.data(), uint32_t(blocks), no_slots));
   // The kernel cannot report a bad entry (it skips the block): check them all here.
   const PagedGeometry geometry = MakePagedGeometry(cache);
   for (size_t i = 0; i < page_table.size(); ++i) {
@@ -50,6 +51,18 @@ Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
                                      ") names no chunk of the cache");
     }
   }
+  return Status::OK();
+}
+
+Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
+                                              const PagedCacheDesc& cache, const void* k_base,
+                                              const void* v_base,
+                                              std::span<const int32_t> page_table,
+                                              StreamHandle stream, std::span<Status> statuses) {
+  KVTIER_RETURN_IF_ERROR(
+      ValidatePagedPut(layout, keys.size(), cache, k_base, v_base, page_table, statuses.size()));
+  const uint64_t entries = PageTableEntriesPerBlock(cache);
+  std::vector<void*> slots(keys.size());
   for (const BlockKey& key : keys) KVTIER_RETURN_IF_ERROR(CheckKey(key));
   if (keys.empty()) return Status::OK();
 

@@ -10,8 +10,15 @@
 // repeated the handshake; the store then works again without being reopened. Blocks
 // the daemon kept (its disk tier) are still there; a memory-only daemon starts empty.
 //
-// Not served through the daemon yet: Acquire, Release and PutFromPagedCache (they need
-// CUDA IPC) return NotSupported.
+// What lives in an engine's GPU memory stays in the engine's process: Acquire and Release
+// use a GPU tier of the client's own (StoreOptions::retrieval.device_capacity_bytes of
+// the options given to Open, emulated in host memory without a GPU), fed from the
+// daemon's tiers through the staging area; PutFromPagedCache gathers the blocks out of
+// the engine's paged cache on the client's side, then Puts them through the daemon.
+// Blocks this client overwrites, deletes or drops leave its GPU tier at once; a block
+// another client rewrites under the same key may be served from it, with the bytes it
+// had, until evicted. Direct copies between the daemon's host tier and the engine's GPU
+// (CUDA IPC) are not built: each block crosses the staging area once.
 //
 // Thread safety: GetSidecarStatus may be called from any thread at any time.
 #ifndef KVTIER_CLIENT_H_

@@ -1,0 +1,223 @@
+#include "src/client/sidecar_device.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "kernels/cuda_runtime.h"
+#include "kernels/paged_copy.h"
+
+namespace kvtier::client {
+
+// --- BlockBuffers ------------------------------------------------------------------------
+
+BlockBuffers::~BlockBuffers() {
+  MutexLock lock(&mu_);
+  for (std::byte* b : all_) {
+    if (pinned_) {
+      (void)cuda::HostFree(b);
+    } else {
+      std::free(b);
+    }
+  }
+}
+
+Status BlockBuffers::Take(size_t count, std::vector<std::byte*>* out) {
+  MutexLock lock(&mu_);
+  const size_t start = out->size();
+  while (out->size() - start < count) {
+    if (!free_.empty()) {
+      out->push_back(free_.back());
+      free_.pop_back();
+      continue;
+    }
+    void* p = nullptr;
+    Status s;
+    if (pinned_) {
+      s = cuda::HostAlloc(block_bytes_, &p);
+    } else {
+      p = std::aligned_alloc(4096, (block_bytes_ + 4095) / 4096 * 4096);
+      if (p == nullptr) s = Status::ResourceExhausted("out of memory");
+    }
+    if (!s.ok()) {
+      free_.insert(free_.end(), out->begin() + start, out->end());
+      out->resize(start);
+      return Status::ResourceExhausted("a block buffer of " + std::to_string(block_bytes_) +
+                                       " bytes: " + s.message());
+    }
+    all_.push_back(static_cast<std::byte*>(p));
+    out->push_back(static_cast<std::byte*>(p));
+  }
+  return Status::OK();
+}
+
+void BlockBuffers::Give(std::span<std::byte* const> buffers) {
+  MutexLock lock(&mu_);
+  free_.insert(free_.end(), buffers.begin(), buffers.end());
+}
+
+// --- The GPU tier's source: Gets through the daemon -------------------------------------
+
+class SidecarDevice::Source final : public BlockSource {
+ public:
+  Source(Store* store, BlockBuffers* buffers) : store_(store), buffers_(buffers) {}
+
+  Status PinHost(std::span<const BlockKey> keys, std::span<HostBlockRef> blocks) override {
+    std::vector<std::byte*> taken;
+    KVTIER_RETURN_IF_ERROR(buffers_->Take(keys.size(), &taken));
+    std::vector<BlockRead> reads(keys.size());
+    std::vector<Status> statuses(keys.size());
+    const uint64_t bytes = store_->block_bytes();
+    for (size_t i = 0; i < keys.size(); ++i) reads[i] = BlockRead{keys[i], taken[i], bytes};
+    Status s = store_->GetBatch(reads, statuses);
+    if (!s.ok()) {
+      buffers_->Give(taken);
+      return s;
+    }
+    for (size_t i = 0; i < keys.size(); ++i) {
+      blocks[i] = HostBlockRef{taken[i], reinterpret_cast<uint64_t>(taken[i]), false};
+    }
+    return Status::OK();
+  }
+
+  void UnpinHost(std::span<const BlockKey>, std::span<const HostBlockRef> blocks) override {
+    std::vector<std::byte*> back(blocks.size());
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      back[i] = reinterpret_cast<std::byte*>(blocks[i].handle);
+    }
+    buffers_->Give(back);
+  }
+
+ private:
+  Store* const store_;
+  BlockBuffers* const buffers_;
+};
+
+// --- SidecarDevice -----------------------------------------------------------------------
+
+SidecarDevice::SidecarDevice(Store* store, const StoreOptions& options, const ModelLayout& layout)
+    : store_(store),
+      options_(options),
+      layout_(layout),
+      buffers_(layout.BytesPerBlock(), cuda::HasDevice()) {}
+
+Result<std::unique_ptr<SidecarDevice>> SidecarDevice::Create(Store* store,
+                                                             const StoreOptions& options,
+                                                             const ModelLayout& layout) {
+  std::unique_ptr<SidecarDevice> d(new SidecarDevice(store, options, layout));
+  const RetrievalOptions& r = options.retrieval;
+  if (r.enabled && r.device_capacity_bytes > 0) {
+    d->source_ = std::make_unique<Source>(store, &d->buffers_);
+    KVTIER_ASSIGN_OR_RETURN(d->cache_,
+                            DeviceCache::Create(layout.BytesPerBlock(), r.device_capacity_bytes,
+                                                DeviceCacheOptionsFor(r), d->source_.get()));
+    d->planner_ = std::make_unique<PrefetchPlanner>(layout.num_layers);
+  }
+  return d;
+}
+
+SidecarDevice::~SidecarDevice() {
+  cache_.reset();  // its prefetch thread Gets through the store
+  MutexLock lock(&scratch_mu_);
+  if (scratch_ != nullptr) (void)cuda::HostFree(scratch_);
+}
+
+Result<AcquireInfo> SidecarDevice::Acquire(uint32_t namespace_id, const SequenceId& sequence,
+                                           uint32_t layer, std::span<const int64_t> blocks,
+                                           CUstream_st* stream,
+                                           std::span<uint64_t> device_addresses,
+                                           std::span<const float> scores) {
+  if (cache_ == nullptr) {
+    return Status::FailedPrecondition(
+        "Acquire: this kvtierd client has no GPU tier (enable retrieval and set "
+        "retrieval.device_capacity_bytes in its StoreOptions)");
+  }
+  if (layer >= layout_.num_layers) {
+    return Status::InvalidArgument("Acquire: layer " + std::to_string(layer) + " outside [0, " +
+                                   std::to_string(layout_.num_layers) + ")");
+  }
+  KVTIER_ASSIGN_OR_RETURN(AcquireInfo info, cache_->Acquire(namespace_id, sequence, layer, blocks,
+                                                            scores, stream, device_addresses));
+  if (options_.retrieval.prefetch) {
+    planner_->NoteAcquired(namespace_id, sequence, layer, blocks);
+    planner_->PrefetchAfterAcquire(*cache_, namespace_id, sequence, layer);
+  }
+  return info;
+}
+
+Status SidecarDevice::Release(uint64_t lease) {
+  if (cache_ == nullptr) {
+    return Status::FailedPrecondition("Release: this kvtierd client has no GPU tier");
+  }
+  return cache_->Release(lease);
+}
+
+Status SidecarDevice::PutFromPagedCache(std::span<const BlockKey> keys, const PagedCacheDesc& cache,
+                                        const void* k_base, const void* v_base,
+                                        std::span<const int32_t> page_table, CUstream_st* stream,
+                                        std::span<Status> statuses) {
+  if (keys.empty()) return Status::OK();
+  const uint64_t block_bytes = layout_.BytesPerBlock();
+  const uint32_t count = static_cast<uint32_t>(keys.size());
+  std::vector<std::byte*> taken;
+  Status gathered = buffers_.Take(count, &taken);
+  std::vector<void*> slots(taken.begin(), taken.end());
+  if (gathered.ok() && buffers_.pinned()) {
+    // With a GPU: the kernel reads the page table and the slot addresses from
+    // page-locked memory and writes the blocks into the page-locked buffers, ordered
+    // after the engine's work on `stream`; the call returns once it has run.
+    MutexLock lock(&scratch_mu_);
+    const uint64_t table_bytes = page_table.size() * sizeof(int32_t);
+    const uint64_t slots_offset = (table_bytes + 15) / 16 * 16;
+    const uint64_t need = slots_offset + slots.size() * sizeof(void*);
+    if (scratch_bytes_ < need) {
+      if (scratch_ != nullptr) (void)cuda::HostFree(scratch_);
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      gathered = cuda::HostAlloc(need, &scratch_);
+      if (gathered.ok()) scratch_bytes_ = need;
+    }
+    if (gathered.ok()) {
+      auto* base = static_cast<char*>(scratch_);
+      std::memcpy(base, page_table.data(), table_bytes);
+      std::memcpy(base + slots_offset, slots.data(), slots.size() * sizeof(void*));
+      gathered = LaunchGatherBlocks(cache, k_base, v_base, reinterpret_cast<int32_t*>(base), count,
+                                    reinterpret_cast<void* const*>(base + slots_offset), stream);
+    }
+    if (gathered.ok()) {
+      Result<cuda::Event> done = cuda::Event::Create();
+      gathered = done.ok() ? done->Record(stream) : done.status();
+      if (gathered.ok()) gathered = done->Synchronize();
+    }
+  } else if (gathered.ok()) {
+    gathered =
+        GatherBlocksRef(cache, k_base, v_base, page_table.data(), count, slots.data(), nullptr);
+  }
+  if (!gathered.ok()) {
+    buffers_.Give(taken);
+    gathered = gathered.WithContext("PutFromPagedCache");
+    for (Status& s : statuses) s = gathered;
+    return gathered;
+  }
+  std::vector<BlockWrite> writes(count);
+  for (uint32_t i = 0; i < count; ++i) writes[i] = BlockWrite{keys[i], taken[i], block_bytes};
+  Status put = store_->PutBatch(writes, statuses);
+  buffers_.Give(taken);
+  return put;
+}
+
+void SidecarDevice::Invalidate(const BlockKey& key) {
+  if (cache_ != nullptr) cache_->Invalidate(key);
+}
+
+void SidecarDevice::InvalidateSequence(uint32_t namespace_id, const SequenceId& sequence) {
+  if (cache_ == nullptr) return;
+  cache_->InvalidateSequence(namespace_id, sequence);
+  planner_->Forget(namespace_id, sequence);
+}
+
+void SidecarDevice::AddStats(StoreStats* stats) const {
+  if (cache_ != nullptr) AddDeviceCacheStats(cache_->stats(), stats);
+}
+
+}  // namespace kvtier::client

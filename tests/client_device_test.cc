@@ -1,0 +1,300 @@
+// The GPU side of the Store through kvtierd (src/client/sidecar_device.h) against the
+// embedded store: the same tests run on both. Acquire serves the blocks' bytes at device
+// addresses (the GPU tier is emulated in host memory here: no GPU), hits the second
+// time, and never serves a stale copy after this client's overwrites, deletes and
+// DropSequence; a missing block leaves nothing pinned; a tier pinned full is
+// ResourceExhausted; prefetch brings the next layer in; PutFromPagedCache stores the
+// blocks the documented layout names, and refuses bad page tables.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tests/client_test_util.h"
+#include "tests/store_paged_test.h"
+#include "tests/test_util.h"
+
+namespace kvtier {
+namespace {
+
+using testing::Eventually;
+using testing::Key;
+using testing::MemoryStore;
+using testing::RandomBlock;
+using testing::Sidecar;
+using testing::SmallLayout;
+
+enum class Backend { kEmbedded, kSidecar };
+
+std::string BackendName(const ::testing::TestParamInfo<Backend>& info) {
+  return info.param == Backend::kEmbedded ? "Embedded" : "Sidecar";
+}
+
+class ClientDeviceTest : public ::testing::TestWithParam<Backend> {
+ protected:
+  // A store with a GPU tier of `device_blocks` blocks (0: none), emulated.
+  std::unique_ptr<Store> Open(uint64_t device_blocks, bool prefetch = false) {
+    StoreOptions o;
+    if (GetParam() == Backend::kEmbedded) {
+      o = MemoryStore(layout_, 256);
+    } else {
+      if (sidecar_ == nullptr) {
+        sidecar_ = std::make_unique<Sidecar>(MemoryStore(layout_, 256), layout_);
+        if (!sidecar_->StartServer()) return nullptr;
+      }
+      o = sidecar_->ClientOptions(16);
+    }
+    o.retrieval.enabled = true;
+    o.retrieval.prefetch = prefetch;
+    o.retrieval.force_emulated_device = true;
+    o.retrieval.device_capacity_bytes =
+        device_blocks * ((layout_.BytesPerBlock() + 255) / 256 * 256);
+    auto store = Store::Open(o, layout_);
+    EXPECT_TRUE(store.ok()) << store.status().ToString();
+    return store.ok() ? std::move(store).value() : nullptr;
+  }
+
+  // Puts blocks 0..n-1 of (sequence 7, layer) with fresh random bytes; returns them.
+  std::vector<std::vector<std::byte>> PutBlocks(Store& store, uint32_t layer, uint32_t n) {
+    std::vector<std::vector<std::byte>> blocks;
+    for (uint32_t b = 0; b < n; ++b) {
+      blocks.push_back(RandomBlock(layout_.BytesPerBlock(), rng_));
+      EXPECT_TRUE(store.Put(Key(7, layer, b), blocks.back().data(), blocks.back().size()).ok());
+    }
+    return blocks;
+  }
+
+  static bool Holds(uint64_t address, const std::vector<std::byte>& bytes) {
+    return address != 0 &&
+           std::memcmp(reinterpret_cast<const void*>(address), bytes.data(), bytes.size()) == 0;
+  }
+
+  const ModelLayout layout_ = SmallLayout();
+  const SequenceId sequence_{0, 7};
+  std::unique_ptr<Sidecar> sidecar_;
+  std::mt19937_64 rng_{20261203};
+};
+
+TEST_P(ClientDeviceTest, AcquireServesTheBytesThenHits) {
+  auto store = Open(16);
+  ASSERT_NE(store, nullptr);
+  const auto blocks = PutBlocks(*store, 1, 12);
+  const std::vector<int64_t> want = {3, 11, -1, 0, 7};
+  std::vector<uint64_t> addrs(want.size());
+  auto a = store->Acquire(0, sequence_, 1, want, nullptr, addrs);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_EQ(a->hits, 0u);
+  EXPECT_EQ(a->from_host + a->from_disk, 4u);
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (want[i] < 0) {
+      EXPECT_EQ(addrs[i], 0u);
+    } else {
+      EXPECT_TRUE(Holds(addrs[i], blocks[want[i]])) << "block " << want[i];
+    }
+  }
+  ASSERT_TRUE(store->Release(a->lease).ok());
+  std::vector<uint64_t> again(want.size());
+  auto b = store->Acquire(0, sequence_, 1, want, nullptr, again);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(b->hits, 4u);
+  EXPECT_EQ(again, addrs);
+  ASSERT_TRUE(store->Release(b->lease).ok());
+  const StoreStats s = store->Stats();
+  EXPECT_TRUE(s.device_emulated);
+  EXPECT_EQ(s.device_slots, 16u);
+  EXPECT_EQ(s.device_blocks, 4u);
+  EXPECT_EQ(s.acquires, 2u);
+  EXPECT_EQ(s.device_hits, 4u);
+  EXPECT_EQ(s.device_bytes_in, 4 * layout_.BytesPerBlock());
+  EXPECT_EQ(store->Release(b->lease).code(), StatusCode::kInvalidArgument);  // released already
+}
+
+TEST_P(ClientDeviceTest, OverwriteDeleteAndDropNeverServeAStaleCopy) {
+  auto store = Open(8);
+  ASSERT_NE(store, nullptr);
+  PutBlocks(*store, 0, 3);
+  const int64_t one = 1;
+  uint64_t addr = 0;
+  auto a = store->Acquire(0, sequence_, 0, {&one, 1}, nullptr, {&addr, 1});
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(store->Release(a->lease).ok());
+
+  const auto v2 = RandomBlock(layout_.BytesPerBlock(), rng_);
+  ASSERT_TRUE(store->Put(Key(7, 0, 1), v2.data(), v2.size()).ok());
+  auto b = store->Acquire(0, sequence_, 0, {&one, 1}, nullptr, {&addr, 1});
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(b->hits, 0u);
+  EXPECT_TRUE(Holds(addr, v2));
+  ASSERT_TRUE(store->Release(b->lease).ok());
+
+  // An asynchronous batch overwrite: stale once its completion has run.
+  const auto v3 = RandomBlock(layout_.BytesPerBlock(), rng_);
+  const BlockWrite w{Key(7, 0, 1), v3.data(), v3.size()};
+  Status member;
+  ASSERT_TRUE(store->PutBatchAsync({&w, 1}, {&member, 1}).get().ok());
+  auto c = store->Acquire(0, sequence_, 0, {&one, 1}, nullptr, {&addr, 1});
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_TRUE(Holds(addr, v3));
+  ASSERT_TRUE(store->Release(c->lease).ok());
+
+  ASSERT_TRUE(store->Delete(Key(7, 0, 1)).ok());
+  auto d = store->Acquire(0, sequence_, 0, {&one, 1}, nullptr, {&addr, 1});
+  EXPECT_EQ(d.status().code(), StatusCode::kNotFound) << d.status().ToString();
+
+  const int64_t two = 2;
+  auto e = store->Acquire(0, sequence_, 0, {&two, 1}, nullptr, {&addr, 1});
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  ASSERT_TRUE(store->Release(e->lease).ok());
+  auto dropped = store->DropSequence(0, sequence_);
+  ASSERT_TRUE(dropped.ok());
+  EXPECT_EQ(*dropped, 2u);
+  auto f = store->Acquire(0, sequence_, 0, {&two, 1}, nullptr, {&addr, 1});
+  EXPECT_EQ(f.status().code(), StatusCode::kNotFound) << f.status().ToString();
+  EXPECT_EQ(store->Stats().device_blocks, 0u);
+}
+
+TEST_P(ClientDeviceTest, AMissingBlockLeavesNothingPinnedAndAFullTierRefuses) {
+  auto store = Open(4);
+  ASSERT_NE(store, nullptr);
+  const auto blocks = PutBlocks(*store, 2, 6);
+  const std::vector<int64_t> with_missing = {0, 1, 99};
+  std::vector<uint64_t> addrs(3);
+  auto a = store->Acquire(0, sequence_, 2, with_missing, nullptr, addrs);
+  EXPECT_EQ(a.status().code(), StatusCode::kNotFound) << a.status().ToString();
+
+  // Nothing stayed pinned: four other blocks take the whole tier.
+  const std::vector<int64_t> four = {2, 3, 4, 5};
+  std::vector<uint64_t> four_addrs(4);
+  auto b = store->Acquire(0, sequence_, 2, four, nullptr, four_addrs);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  for (size_t i = 0; i < four.size(); ++i) EXPECT_TRUE(Holds(four_addrs[i], blocks[four[i]]));
+  // ... and while they are held, one more block has nowhere to go.
+  const int64_t zero = 0;
+  uint64_t addr = 0;
+  auto c = store->Acquire(0, sequence_, 2, {&zero, 1}, nullptr, {&addr, 1});
+  EXPECT_EQ(c.status().code(), StatusCode::kResourceExhausted) << c.status().ToString();
+  ASSERT_TRUE(store->Release(b->lease).ok());
+  auto d = store->Acquire(0, sequence_, 2, {&zero, 1}, nullptr, {&addr, 1});
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_TRUE(Holds(addr, blocks[0]));
+  ASSERT_TRUE(store->Release(d->lease).ok());
+}
+
+TEST_P(ClientDeviceTest, AnAcquireOfOneLayerPrefetchesTheNextOne) {
+  auto store = Open(16, /*prefetch=*/true);
+  ASSERT_NE(store, nullptr);
+  PutBlocks(*store, 0, 4);
+  const auto next = PutBlocks(*store, 1, 4);
+  const std::vector<int64_t> want = {1, 2, 3};
+  std::vector<uint64_t> addrs(3);
+  auto a = store->Acquire(0, sequence_, 0, want, nullptr, addrs);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(store->Release(a->lease).ok());
+  ASSERT_TRUE(Eventually([&] { return store->Stats().prefetches == 3; }))
+      << store->Stats().prefetches;
+  auto b = store->Acquire(0, sequence_, 1, want, nullptr, addrs);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(b->hits, 3u);
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_TRUE(Holds(addrs[i], next[want[i]]));
+  ASSERT_TRUE(store->Release(b->lease).ok());
+  EXPECT_EQ(store->Stats().prefetch_hits, 3u);
+}
+
+TEST_P(ClientDeviceTest, WithoutAGpuTierAcquireAndReleaseAreRefused) {
+  auto store = Open(0);
+  ASSERT_NE(store, nullptr);
+  const int64_t zero = 0;
+  uint64_t addr = 0;
+  auto a = store->Acquire(0, sequence_, 0, {&zero, 1}, nullptr, {&addr, 1});
+  EXPECT_EQ(a.status().code(), StatusCode::kFailedPrecondition) << a.status().ToString();
+  EXPECT_EQ(store->Release(1).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store->Stats().device_slots, 0u);
+}
+
+TEST_P(ClientDeviceTest, PutFromPagedCacheStoresTheBlocksThePageTableNames) {
+  auto store = Open(0);
+  ASSERT_NE(store, nullptr);
+  for (const bool combined : {false, true}) {
+    for (const PagedLayout order : {PagedLayout::kNHD, PagedLayout::kHND}) {
+      SCOPED_TRACE(std::string(combined ? "combined " : "separate ") +
+                   (order == PagedLayout::kNHD ? "NHD" : "HND"));
+      const uint32_t page_size = 4, pages = 24;  // 4 pages per block of 16 tokens
+      testing::HostPagedCache cache(layout_, order, combined, page_size, pages, rng_());
+      std::vector<int32_t> perm(pages);
+      for (uint32_t i = 0; i < pages; ++i) perm[i] = static_cast<int32_t>(i);
+      std::shuffle(perm.begin(), perm.end(), rng_);
+      const uint32_t n = 5;
+      std::vector<int32_t> table(perm.begin(), perm.begin() + n * 4);
+      std::vector<BlockKey> keys;
+      for (uint32_t b = 0; b < n; ++b) keys.push_back(Key(7, 3, 100 + b));
+      std::vector<Status> statuses(n);
+      const void* v = combined ? nullptr : cache.v.data();
+      ASSERT_TRUE(
+          store->PutFromPagedCache(keys, cache.desc, cache.k.data(), v, table, nullptr, statuses)
+              .ok());
+      for (uint32_t b = 0; b < n; ++b) {
+        EXPECT_TRUE(statuses[b].ok()) << statuses[b].ToString();
+        const std::vector<int32_t> block_pages(table.begin() + b * 4, table.begin() + b * 4 + 4);
+        std::vector<std::byte> got(layout_.BytesPerBlock());
+        ASSERT_TRUE(store->Get(keys[b], got.data(), got.size()).ok());
+        EXPECT_EQ(got, cache.ExpectedBlock(block_pages)) << "block " << b;
+      }
+
+      // A page-table entry outside the cache, a table of the wrong size, statuses of the
+      // wrong count: refused, nothing stored.
+      std::vector<int32_t> bad = table;
+      bad[6] = static_cast<int32_t>(pages);
+      const std::vector<BlockKey> fresh = {Key(7, 3, 200), Key(7, 3, 201), Key(7, 3, 202),
+                                           Key(7, 3, 203), Key(7, 3, 204)};
+      EXPECT_EQ(
+          store->PutFromPagedCache(fresh, cache.desc, cache.k.data(), v, bad, nullptr, statuses)
+              .code(),
+          StatusCode::kInvalidArgument);
+      EXPECT_EQ(
+          store
+              ->PutFromPagedCache(fresh, cache.desc, cache.k.data(), v,
+                                  std::span<const int32_t>(table).first(19), nullptr, statuses)
+              .code(),
+          StatusCode::kInvalidArgument);
+      EXPECT_EQ(store
+                    ->PutFromPagedCache(fresh, cache.desc, cache.k.data(), v, table, nullptr,
+                                        std::span<Status>(statuses).first(4))
+                    .code(),
+                StatusCode::kInvalidArgument);
+      for (const BlockKey& k : fresh) EXPECT_FALSE(store->Contains(k));
+    }
+  }
+}
+
+TEST_P(ClientDeviceTest, APutFromPagedCacheOverwriteLeavesTheGpuTier) {
+  auto store = Open(8);
+  ASSERT_NE(store, nullptr);
+  PutBlocks(*store, 3, 1);  // block 0 of layer 3
+  const int64_t zero = 0;
+  uint64_t addr = 0;
+  auto a = store->Acquire(0, sequence_, 3, {&zero, 1}, nullptr, {&addr, 1});
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(store->Release(a->lease).ok());
+  testing::HostPagedCache cache(layout_, PagedLayout::kNHD, false, 16, 2, rng_());
+  const std::vector<int32_t> table = {1};
+  const BlockKey key = Key(7, 3, 0);
+  Status status;
+  ASSERT_TRUE(store
+                  ->PutFromPagedCache({&key, 1}, cache.desc, cache.k.data(), cache.v.data(), table,
+                                      nullptr, {&status, 1})
+                  .ok());
+  auto b = store->Acquire(0, sequence_, 3, {&zero, 1}, nullptr, {&addr, 1});
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(b->hits, 0u);
+  EXPECT_TRUE(Holds(addr, cache.ExpectedBlock({1})));
+  ASSERT_TRUE(store->Release(b->lease).ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, ClientDeviceTest,
+                         ::testing::Values(Backend::kEmbedded, Backend::kSidecar), BackendName);
+
+}  // namespace
+}  // namespace kvtier
