@@ -42,12 +42,14 @@ class ClientDeviceTest : public ::testing::TestWithParam<Backend> {
       o = MemoryStore(layout_, 256);
     } else {
       if (sidecar_ == nullptr) {
-        sidecar_ = std::make_unique<Sidecar>(MemoryStore(layout_, 256), layout_);
+        StoreOptions backing = MemoryStore(layout_, 256);
+        SetRetrieval(&backing.retrieval);
+        sidecar_ = std::make_unique<Sidecar>(backing, layout_);
         if (!sidecar_->StartServer()) return nullptr;
       }
       o = sidecar_->ClientOptions(16);
     }
-    o.retrieval.enabled = true;
+    SetRetrieval(&o.retrieval);
     o.retrieval.prefetch = prefetch;
     o.retrieval.force_emulated_device = true;
     o.retrieval.device_capacity_bytes =
@@ -55,6 +57,16 @@ class ClientDeviceTest : public ::testing::TestWithParam<Backend> {
     auto store = Store::Open(o, layout_);
     EXPECT_TRUE(store.ok()) << store.status().ToString();
     return store.ok() ? std::move(store).value() : nullptr;
+  }
+
+  // Retrieval as both sides see it: top 4 of blocks past a 1-block sink and before a
+  // 2-block window, 4 runners-up.
+  static void SetRetrieval(RetrievalOptions* r) {
+    r->enabled = true;
+    r->top_k = 4;
+    r->n_init = 16;
+    r->n_local = 32;
+    r->prefetch_extra = 4;
   }
 
   // Puts blocks 0..n-1 of (sequence 7, layer) with fresh random bytes; returns them.
@@ -201,6 +213,50 @@ TEST_P(ClientDeviceTest, AnAcquireOfOneLayerPrefetchesTheNextOne) {
   for (size_t i = 0; i < want.size(); ++i) EXPECT_TRUE(Holds(addrs[i], next[want[i]]));
   ASSERT_TRUE(store->Release(b->lease).ok());
   EXPECT_EQ(store->Stats().prefetch_hits, 3u);
+}
+
+TEST_P(ClientDeviceTest, SelectThenAcquirePrefetchesTheRunnersUpAndTheNextLayer) {
+  auto store = Open(64, /*prefetch=*/true);  // room for every block: nothing is evicted
+  ASSERT_NE(store, nullptr);
+  // Small finite fp16 keys, so that the summaries rank something.
+  for (uint32_t layer = 0; layer < 2; ++layer) {
+    for (uint32_t b = 0; b < 24; ++b) {
+      std::vector<std::byte> block(layout_.BytesPerBlock());
+      for (size_t i = 0; i < block.size(); i += 2) {
+        const uint16_t v = static_cast<uint16_t>(0x2000 | (rng_() & 0x83ff));
+        std::memcpy(&block[i], &v, 2);
+      }
+      ASSERT_TRUE(store->Put(Key(7, layer, b), block.data(), block.size()).ok());
+    }
+  }
+  std::normal_distribution<float> normal;
+  std::vector<float> q(layout_.num_query_heads * layout_.head_dim);
+  for (float& x : q) x = normal(rng_);
+  std::vector<int64_t> selected(4);
+  std::vector<float> scores(4);
+  auto si = store->Select(0, sequence_, 0, q, 24 * 16, selected, scores);
+  ASSERT_TRUE(si.ok()) << si.status().ToString();
+  ASSERT_EQ(si->selected, 4u);
+  std::vector<uint64_t> addrs(4);
+  auto a = store->Acquire(0, sequence_, 0, selected, nullptr, addrs, scores);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(store->Release(a->lease).ok());
+  // In the background: the Select's four runners-up for layer 0, and layer 0's four for
+  // layer 1. Once copied, exactly those are hits.
+  ASSERT_TRUE(Eventually([&] { return store->Stats().prefetches == 8; }))
+      << store->Stats().prefetches;
+  uint64_t resident[2] = {0, 0};
+  for (uint32_t layer : {1u, 0u}) {  // layer 1 first: its Acquires prefetch nothing for 0
+    for (int64_t b = 0; b < 24; ++b) {
+      uint64_t addr = 0;
+      auto one = store->Acquire(0, sequence_, layer, {&b, 1}, nullptr, {&addr, 1});
+      ASSERT_TRUE(one.ok()) << one.status().ToString();
+      resident[layer] += one->hits;
+      ASSERT_TRUE(store->Release(one->lease).ok());
+    }
+  }
+  EXPECT_EQ(resident[0], 8u);  // the 4 selected and the 4 prefetched runners-up
+  EXPECT_EQ(resident[1], 4u);  // layer 0's selection, prefetched for layer 1
 }
 
 TEST_P(ClientDeviceTest, WithoutAGpuTierAcquireAndReleaseAreRefused) {

@@ -206,6 +206,11 @@ Status SidecarDevice::PutFromPagedCache(std::span<const BlockKey> keys, const Pa
   return put;
 }
 
+void SidecarDevice::NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                                  std::span<const int64_t> blocks) {
+  if (planner_ != nullptr) planner_->NoteRunnersUp(namespace_id, sequence, layer, blocks);
+}
+
 void SidecarDevice::Invalidate(const BlockKey& key) {
   if (cache_ != nullptr) cache_->Invalidate(key);
 }

@@ -90,6 +90,10 @@ class SidecarDevice {
                            std::span<const int32_t> page_table, CUstream_st* stream,
                            std::span<Status> statuses);
 
+  // The blocks a Select ranked right after its top_k: prefetched after the next Acquire
+  // of the layer (PrefetchPlanner).
+  void NoteRunnersUp(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+                     std::span<const int64_t> blocks);
   // The contents of a block (or a sequence) changed or were deleted through this client.
   void Invalidate(const BlockKey& key);
   void InvalidateSequence(uint32_t namespace_id, const SequenceId& sequence);

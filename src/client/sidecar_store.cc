@@ -289,11 +289,17 @@ Result<SelectInfo> SidecarStore::Select(uint32_t namespace_id, const SequenceId&
     return Status::InvalidArgument("Select: " + std::to_string(scores.size()) + " scores for " +
                                    std::to_string(selected.size()) + " selected blocks");
   }
+  // With a GPU tier that prefetches: the runners-up too, for the Acquire that follows.
+  const RetrievalOptions& r = options_.retrieval;
+  const uint32_t extra = device_->has_tier() && r.prefetch && r.scope == SelectionScope::kPerLayer
+                             ? r.prefetch_extra
+                             : 0;
   flatbuffers::FlatBufferBuilder fbb(256 + queries.size() * sizeof(float));
   auto q = fbb.CreateVector(queries.data(), queries.size());
   fbb.Finish(wire::CreateSelectRequest(fbb, namespace_id, sequence.hi, sequence.lo, layer,
-                                       context_tokens, q, !scores.empty()));
+                                       context_tokens, q, !scores.empty(), extra));
   SelectInfo info;
+  std::vector<int64_t> runners_up;
   KVTIER_RETURN_IF_ERROR(
       client_->Call(wire::Opcode::kSelect, fbb, [&](std::span<const uint8_t> body) -> Status {
         const auto* reply = flatbuffers::GetRoot<wire::SelectReply>(body.data());
@@ -316,8 +322,12 @@ Result<SelectInfo> SidecarStore::Select(uint32_t namespace_id, const SequenceId&
         }
         info = SelectInfo{reply->sink_blocks(), reply->local_begin(), reply->local_end(),
                           reply->selected()};
+        if (extra > 0 && reply->runners_up() != nullptr) {
+          runners_up.assign(reply->runners_up()->begin(), reply->runners_up()->end());
+        }
         return Status::OK();
       }));
+  if (!runners_up.empty()) device_->NoteRunnersUp(namespace_id, sequence, layer, runners_up);
   return info;
 }
 

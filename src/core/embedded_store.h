@@ -59,6 +59,13 @@ class EmbeddedStore final : public Store {
   Result<SelectInfo> Select(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
                             std::span<const float> queries, uint64_t context_tokens,
                             std::span<int64_t> selected, std::span<float> scores = {}) override;
+  // Select that also writes the blocks ranked right after the top_k to `runners_up`
+  // (kPerLayer only; at most 64; -1 padded): what a GPU tier prefetches. The sidecar
+  // serves it to clients, whose GPU tier is their own.
+  Result<SelectInfo> SelectWithRunnersUp(uint32_t namespace_id, const SequenceId& sequence,
+                                         uint32_t layer, std::span<const float> queries,
+                                         uint64_t context_tokens, std::span<int64_t> selected,
+                                         std::span<float> scores, std::span<int64_t> runners_up);
   Result<AcquireInfo> Acquire(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
                               std::span<const int64_t> blocks, CUstream_st* stream,
                               std::span<uint64_t> device_addresses,

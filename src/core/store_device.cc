@@ -5,6 +5,7 @@
 
 #include "src/core/device_cache.h"
 #include "src/core/store_impl.h"
+#include "src/core/store_retrieval.h"
 
 namespace kvtier {
 
@@ -101,6 +102,17 @@ Result<AcquireInfo> EmbeddedStore::Acquire(uint32_t namespace_id, const Sequence
     s.prefetch_planner->PrefetchAfterAcquire(*s.device, namespace_id, sequence, layer);
   }
   return info;
+}
+
+Result<SelectInfo> EmbeddedStore::SelectWithRunnersUp(
+    uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,
+    std::span<const float> queries, uint64_t context_tokens, std::span<int64_t> selected,
+    std::span<float> scores, std::span<int64_t> runners_up) {
+  if (impl_->retrieval == nullptr) {
+    return Status::FailedPrecondition("Select: retrieval is not enabled in this store");
+  }
+  return impl_->retrieval->Select(namespace_id, sequence, layer, queries, context_tokens, selected,
+                                  scores, runners_up);
 }
 
 Status EmbeddedStore::Release(uint64_t lease) {

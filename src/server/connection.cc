@@ -230,6 +230,9 @@ void Connection::Reply(Request& r) {
         auto scores = req->want_scores && req->status.ok()
                           ? fbb_.CreateVector(req->scores)
                           : flatbuffers::Offset<flatbuffers::Vector<float>>();
+        auto runners_up = !req->runners_up.empty() && req->status.ok()
+                              ? fbb_.CreateVector(req->runners_up)
+                              : flatbuffers::Offset<flatbuffers::Vector<int64_t>>();
         auto o = wire::ToWire(fbb_, req->status);
         wire::SelectReplyBuilder b(fbb_);
         b.add_outcome(o);
@@ -240,6 +243,7 @@ void Connection::Reply(Request& r) {
           b.add_selected(req->info.selected);
           b.add_blocks(blocks);
           if (!scores.IsNull()) b.add_scores(scores);
+          if (!runners_up.IsNull()) b.add_runners_up(runners_up);
         }
         fbb_.Finish(b.Finish());
         QueueReply(wire::Opcode::kSelect, req->id, req->opcode, req->arrival);

@@ -43,6 +43,7 @@ struct Connection::Request {
   uint64_t context_tokens = 0;
   std::vector<int64_t> selected;
   std::vector<float> scores;
+  std::vector<int64_t> runners_up;
   bool want_scores = false;
   Status status;
   uint64_t count = 0;
@@ -63,6 +64,7 @@ struct Connection::Request {
     floats.clear();
     selected.clear();
     scores.clear();
+    runners_up.clear();
     want_scores = false;
     status = Status::OK();
     count = 0;

@@ -15,6 +15,8 @@ namespace {
 // inline Get whose reply could not be framed.
 constexpr uint64_t kReplyOverheadBytes = 4096;
 constexpr uint64_t kReplyBytesPerMember = 64;
+// Runners-up a Select may ask for (store_retrieval.h: kMaxPrefetchExtra).
+constexpr uint32_t kMaxRunnersUp = 64;
 
 #ifndef KVTIER_DAEMON_VERSION
 #define KVTIER_DAEMON_VERSION "kvtierd"
@@ -354,9 +356,16 @@ void Connection::HandleSelect(std::unique_ptr<Request> req, std::span<const uint
                          : retrieval.top_k;
   req->selected.assign(n, -1);
   if (req->want_scores) req->scores.assign(n, 0.0f);
+  if (retrieval.scope == SelectionScope::kPerLayer) {
+    req->runners_up.assign(std::min<uint32_t>(select->runners_up(), kMaxRunnersUp), -1);
+  }
   RunOnWorkers(std::move(req), [](EmbeddedStore& store, Request& r) {
-    kvtier::Result<SelectInfo> info = store.Select(r.namespace_id, r.sequence, r.layer, r.floats,
-                                                   r.context_tokens, r.selected, r.scores);
+    kvtier::Result<SelectInfo> info =
+        r.runners_up.empty()
+            ? store.Select(r.namespace_id, r.sequence, r.layer, r.floats, r.context_tokens,
+                           r.selected, r.scores)
+            : store.SelectWithRunnersUp(r.namespace_id, r.sequence, r.layer, r.floats,
+                                        r.context_tokens, r.selected, r.scores, r.runners_up);
     r.status = info.ok() ? Status::OK() : info.status();
     if (info.ok()) r.info = *info;
   });

@@ -54,7 +54,7 @@ std::vector<uint8_t> Other(Opcode op) {
     }
     case Opcode::kSelect: {
       const std::vector<float> q(32 * 128, 0.5f);
-      fbb.Finish(CreateSelectRequest(fbb, 0, 0, 9, 3, 8192, fbb.CreateVector(q), true));
+      fbb.Finish(CreateSelectRequest(fbb, 0, 0, 9, 3, 8192, fbb.CreateVector(q), true, 4));
       break;
     }
     default:

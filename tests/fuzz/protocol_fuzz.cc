@@ -62,7 +62,7 @@ uint64_t Touch(uint16_t opcode, const uint8_t* body) {
     case Opcode::kSelect: {
       const auto* r = flatbuffers::GetRoot<SelectRequest>(body);
       if (r->queries() != nullptr) sum += r->queries()->size();
-      sum += r->layer() + r->context_tokens();
+      sum += r->layer() + r->context_tokens() + r->runners_up();
       break;
     }
     default:
