@@ -216,7 +216,9 @@ TEST_P(ClientDeviceTest, AnAcquireOfOneLayerPrefetchesTheNextOne) {
 }
 
 TEST_P(ClientDeviceTest, SelectThenAcquirePrefetchesTheRunnersUpAndTheNextLayer) {
-  auto store = Open(64, /*prefetch=*/true);  // room for every block: nothing is evicted
+  // Room for every block, and for the slots of the prefetches of layer 2 that the
+  // Acquires of layer 1 start and that fail (layer 2 is empty): nothing is evicted.
+  auto store = Open(128, /*prefetch=*/true);
   ASSERT_NE(store, nullptr);
   // Small finite fp16 keys, so that the summaries rank something.
   for (uint32_t layer = 0; layer < 2; ++layer) {

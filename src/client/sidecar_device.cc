@@ -118,8 +118,6 @@ Result<std::unique_ptr<SidecarDevice>> SidecarDevice::Create(Store* store,
 
 SidecarDevice::~SidecarDevice() {
   cache_.reset();  // its prefetch thread Gets through the store
-  MutexLock lock(&scratch_mu_);
-  if (scratch_ != nullptr) (void)cuda::HostFree(scratch_);
 }
 
 Result<AcquireInfo> SidecarDevice::Acquire(uint32_t namespace_id, const SequenceId& sequence,
@@ -163,32 +161,8 @@ Status SidecarDevice::PutFromPagedCache(std::span<const BlockKey> keys, const Pa
   Status gathered = buffers_.Take(count, &taken);
   std::vector<void*> slots(taken.begin(), taken.end());
   if (gathered.ok() && buffers_.pinned()) {
-    // With a GPU: the kernel reads the page table and the slot addresses from
-    // page-locked memory and writes the blocks into the page-locked buffers, ordered
-    // after the engine's work on `stream`; the call returns once it has run.
-    MutexLock lock(&scratch_mu_);
-    const uint64_t table_bytes = page_table.size() * sizeof(int32_t);
-    const uint64_t slots_offset = (table_bytes + 15) / 16 * 16;
-    const uint64_t need = slots_offset + slots.size() * sizeof(void*);
-    if (scratch_bytes_ < need) {
-      if (scratch_ != nullptr) (void)cuda::HostFree(scratch_);
-      scratch_ = nullptr;
-      scratch_bytes_ = 0;
-      gathered = cuda::HostAlloc(need, &scratch_);
-      if (gathered.ok()) scratch_bytes_ = need;
-    }
-    if (gathered.ok()) {
-      auto* base = static_cast<char*>(scratch_);
-      std::memcpy(base, page_table.data(), table_bytes);
-      std::memcpy(base + slots_offset, slots.data(), slots.size() * sizeof(void*));
-      gathered = LaunchGatherBlocks(cache, k_base, v_base, reinterpret_cast<int32_t*>(base), count,
-                                    reinterpret_cast<void* const*>(base + slots_offset), stream);
-    }
-    if (gathered.ok()) {
-      Result<cuda::Event> done = cuda::Event::Create();
-      gathered = done.ok() ? done->Record(stream) : done.status();
-      if (gathered.ok()) gathered = done->Synchronize();
-    }
+    // With a GPU: into the page-locked buffers, after the engine's work on `stream`.
+    gathered = gather_.Run(cache, k_base, v_base, page_table, slots, stream);
   } else if (gathered.ok()) {
     gathered =
         GatherBlocksRef(cache, k_base, v_base, page_table.data(), count, slots.data(), nullptr);

@@ -36,6 +36,7 @@
 #include "kvtier/paged_cache.h"
 #include "kvtier/store.h"
 #include "src/core/device_cache.h"
+#include "src/core/paged_put.h"
 #include "src/util/mutex.h"
 
 namespace kvtier::client {
@@ -109,10 +110,7 @@ class SidecarDevice {
   const StoreOptions options_;
   const ModelLayout layout_;
   BlockBuffers buffers_;
-  // The gather kernel's page table and slot addresses, in page-locked memory it can read.
-  Mutex scratch_mu_;
-  void* scratch_ KVTIER_GUARDED_BY(scratch_mu_) = nullptr;
-  uint64_t scratch_bytes_ KVTIER_GUARDED_BY(scratch_mu_) = 0;
+  PinnedGather gather_;  // PutFromPagedCache with a GPU
   // Declared before cache_, destroyed after it.
   std::unique_ptr<Source> source_;
   std::unique_ptr<PrefetchPlanner> planner_;

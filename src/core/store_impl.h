@@ -64,6 +64,7 @@
 #include "src/core/block_index.h"
 #include "src/core/device_cache.h"
 #include "src/core/embedded_store.h"
+#include "src/core/paged_put.h"
 #include "src/core/store_retrieval.h"
 #include "src/core/worker_pool.h"
 #include "src/util/mutex.h"
@@ -284,14 +285,8 @@ struct EmbeddedStore::Impl {
   bool stopping KVTIER_GUARDED_BY(mu) = false;
   std::thread background;
 
-  // Pinned (so device-readable) scratch for a gather's page table and slot addresses;
-  // grown on demand, freed with the store.
-  Mutex scratch_mu;
-  struct PinnedScratch {
-    void* data = nullptr;
-    uint64_t bytes = 0;
-    ~PinnedScratch();
-  } scratch KVTIER_GUARDED_BY(scratch_mu);
+  // PutFromPagedCache's GPU gather into the pinned host tier.
+  PinnedGather gather;
 
   // Per namespace (see Namespaces above).
   std::unordered_map<uint32_t, NamespaceState> namespaces KVTIER_GUARDED_BY(mu);

@@ -11,8 +11,34 @@
 
 namespace kvtier {
 
-EmbeddedStore::Impl::PinnedScratch::~PinnedScratch() {
-  if (data != nullptr) (void)cuda::HostFree(data);
+PinnedGather::~PinnedGather() {
+  MutexLock lock(&mu_);
+  if (scratch_ != nullptr) (void)cuda::HostFree(scratch_);
+}
+
+Status PinnedGather::Run(const PagedCacheDesc& cache, const void* k_base, const void* v_base,
+                         std::span<const int32_t> page_table, std::span<void* const> slots,
+                         StreamHandle stream) {
+  MutexLock lock(&mu_);
+  const uint64_t table_bytes = page_table.size() * sizeof(int32_t);
+  const uint64_t slots_offset = (table_bytes + 15) / 16 * 16;
+  const uint64_t need = slots_offset + slots.size() * sizeof(void*);
+  if (bytes_ < need) {
+    if (scratch_ != nullptr) (void)cuda::HostFree(scratch_);
+    scratch_ = nullptr;
+    bytes_ = 0;
+    KVTIER_RETURN_IF_ERROR(cuda::HostAlloc(need, &scratch_));
+    bytes_ = need;
+  }
+  auto* base = static_cast<char*>(scratch_);
+  std::memcpy(base, page_table.data(), table_bytes);
+  std::memcpy(base + slots_offset, slots.data(), slots.size() * sizeof(void*));
+  KVTIER_RETURN_IF_ERROR(LaunchGatherBlocks(
+      cache, k_base, v_base, reinterpret_cast<int32_t*>(base), static_cast<uint32_t>(slots.size()),
+      reinterpret_cast<void* const*>(base + slots_offset), stream));
+  KVTIER_ASSIGN_OR_RETURN(cuda::Event done, cuda::Event::Create());
+  KVTIER_RETURN_IF_ERROR(done.Record(stream));
+  return done.Synchronize();
 }
 
 Status ValidatePagedPut(const ModelLayout& layout, size_t blocks, const PagedCacheDesc& cache,
@@ -112,31 +138,7 @@ Status EmbeddedStore::Impl::PutFromPagedCache(std::span<const BlockKey> keys,
 
   Status gathered;
   if (pool->region().kind() == HostMemoryKind::kCudaPinned) {
-    // The kernel reads the page table and the slot addresses from pinned memory (mapped
-    // into the device's address space) and writes the blocks into the pinned slots.
-    MutexLock lock(&scratch_mu);
-    const uint64_t table_bytes = table.size() * sizeof(int32_t);
-    const uint64_t slots_offset = (table_bytes + 15) / 16 * 16;
-    const uint64_t need = slots_offset + slots.size() * sizeof(void*);
-    if (scratch.bytes < need) {
-      if (scratch.data != nullptr) (void)cuda::HostFree(scratch.data);
-      scratch.data = nullptr;
-      scratch.bytes = 0;
-      gathered = cuda::HostAlloc(need, &scratch.data);
-      if (gathered.ok()) scratch.bytes = need;
-    }
-    if (gathered.ok()) {
-      auto* base = static_cast<char*>(scratch.data);
-      std::memcpy(base, table.data(), table_bytes);
-      std::memcpy(base + slots_offset, slots.data(), slots.size() * sizeof(void*));
-      gathered = LaunchGatherBlocks(cache, k_base, v_base, reinterpret_cast<int32_t*>(base), count,
-                                    reinterpret_cast<void* const*>(base + slots_offset), stream);
-    }
-    if (gathered.ok()) {
-      Result<cuda::Event> done = cuda::Event::Create();
-      gathered = done.ok() ? done->Record(stream) : done.status();
-      if (gathered.ok()) gathered = done->Synchronize();
-    }
+    gathered = gather.Run(cache, k_base, v_base, table, slots, stream);
   } else {
     gathered = GatherBlocksRef(cache, k_base, v_base, table.data(), count, slots.data(), nullptr);
   }
