@@ -88,6 +88,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Asynchronous work: the request goes in flight until Complete runs on this shard.
   Request* BeginAsync(std::unique_ptr<Request> req);
+  // The tail of a Put or Get whose `members` blocks go to the store: answered at once
+  // when there is none (every key refused; returns null), else the `slots_named` staging
+  // slots (0 inline) are held for it and it is begun (BeginAsync).
+  Request* BeginBatch(std::unique_ptr<Request> req, size_t members, uint32_t slots_named);
   template <typename Work>
   void RunOnWorkers(std::unique_ptr<Request> req, Work work);
   static void PostComplete(Request* req);

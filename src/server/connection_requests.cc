@@ -136,18 +136,26 @@ void Connection::HandlePut(std::unique_ptr<Request> req, std::span<const uint8_t
     req->writes.push_back(BlockWrite{wire::FromWire(*put->keys()->Get(i)), src, block_bytes_});
     req->members.push_back(i);
   }
-  if (req->writes.empty()) {
-    ReplyBatch(*req);
-    return Recycle(std::move(req));
-  }
-  if (use_slots) {
-    req->staging = staging_;
-    req->slots_named = n;
-    server_.counters.staging_slots_in_use += n;
-  }
-  req->store_statuses.resize(req->writes.size());
-  Request* r = BeginAsync(std::move(req));
+  const size_t members = req->writes.size();
+  Request* r = BeginBatch(std::move(req), members, use_slots ? n : 0);
+  if (r == nullptr) return;
   server_.store->PutBatchAsync(r->writes, r->store_statuses, [r](Status) { PostComplete(r); });
+}
+
+Connection::Request* Connection::BeginBatch(std::unique_ptr<Request> req, size_t members,
+                                            uint32_t slots_named) {
+  if (members == 0) {
+    ReplyBatch(*req);
+    Recycle(std::move(req));
+    return nullptr;
+  }
+  if (slots_named > 0) {
+    req->staging = staging_;
+    req->slots_named = slots_named;
+    server_.counters.staging_slots_in_use += slots_named;
+  }
+  req->store_statuses.resize(members);
+  return BeginAsync(std::move(req));
 }
 
 void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t> body) {
@@ -204,17 +212,9 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
     req->reads.push_back(BlockRead{wire::FromWire(*get->keys()->Get(i)), dst, block_bytes_});
     req->members.push_back(i);
   }
-  if (req->reads.empty()) {
-    ReplyBatch(*req);
-    return Recycle(std::move(req));
-  }
-  if (use_slots) {
-    req->staging = staging_;
-    req->slots_named = n;
-    server_.counters.staging_slots_in_use += n;
-  }
-  req->store_statuses.resize(req->reads.size());
-  Request* r = BeginAsync(std::move(req));
+  const size_t members = req->reads.size();
+  Request* r = BeginBatch(std::move(req), members, use_slots ? n : 0);
+  if (r == nullptr) return;
   server_.store->GetBatchAsync(r->reads, r->store_statuses, [r](Status) { PostComplete(r); });
 }
 
