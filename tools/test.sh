@@ -19,9 +19,9 @@ ctest --test-dir build-asan --output-on-failure -j "$jobs" -LE no-sanitizer
 
 # ThreadSanitizer over the concurrent parts only (a whole-suite TSan build would not fit
 # CI's time): the sidecar client and kvtierd's serving core (the tests labelled tsan,
-# tests/client.cmake; kvtier_server_tests), and the worker pool and the store's
-# concurrency tests of kvtier_tests. -O1 -g1: quicker to build than -O2, with line
-# numbers in the reports.
+# tests/client.cmake; kvtier_server_tests), and the worker pool, the store's concurrency
+# tests and the GPU tier (its prefetch thread) of kvtier_tests. -O1 -g1: quicker to
+# build than -O2, with line numbers in the reports.
 cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -g1" \
   -DKVTIER_CUDA=OFF -DKVTIER_BUILD_BENCH=OFF -DKVTIER_BUILD_TOOLS=OFF -DKVTIER_SANITIZE=thread
@@ -30,7 +30,7 @@ export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
 ctest --test-dir build-tsan --output-on-failure -j "$jobs" -L tsan
 build-tsan/tests/kvtier_server_tests
 build-tsan/tests/kvtier_tests \
-  --gtest_filter='WorkerPoolTest.*:StoreConcurrencyTest.*:StoreQuotaTest.Concurrent*'
+  --gtest_filter='WorkerPoolTest.*:StoreConcurrencyTest.*:StoreQuotaTest.Concurrent*:DeviceCacheTest.*:StoreDeviceTest.*'
 unset TSAN_OPTIONS
 
 # The protocol's libFuzzer target (tests/fuzz: clang, ASan+UBSan), for a bounded time,
