@@ -10,6 +10,11 @@
 // Throughput: `--clients` processes, each with `--depth` requests in flight on its own
 // connection, for `--seconds`: kvtierd Contains frames against redis GETs of a 5-byte
 // value (RESP), the same clients and depth (skipped with --no-throughput).
+// GPU tier misses (skipped with --no-gpu-tier): Acquire of `--tier-batch` blocks none of
+// which is resident (an emulated GPU tier of that many blocks; the sets rotate over 4x
+// as many blocks, all in the host tier), per block: through a sidecar client (its own
+// tier, misses fetched through the daemon's staging area) and through an embedded store
+// in this process, against memcpy of the same bytes (the floor of an emulated copy).
 #include "bench/sidecar_bench.h"
 
 #include <fcntl.h>
@@ -52,6 +57,8 @@ struct SidecarConfig {
   double seconds = 3;
   uint32_t reps = 3;
   bool throughput = true;  // false: the round trips only
+  bool gpu_tier = true;    // false: no GPU-tier misses
+  uint32_t tier_batch = 16;
   bool json = false;
 };
 
@@ -307,6 +314,89 @@ Percentiles LibraryRoundTrips(const std::string& socket, const ModelLayout& layo
   return Summarize(std::move(us));
 }
 
+// --- GPU tier misses ---------------------------------------------------------------
+
+// Puts 4 * batch blocks of layer 0, then times `rounds` Acquires of `batch` blocks that
+// are not resident (the tier holds `batch`; the sets rotate). Median microseconds per block.
+double AcquireMisses(Store& store, uint32_t batch, uint32_t rounds) {
+  const uint64_t bb = store.block_bytes();
+  const SequenceId sequence{0, 77};
+  std::vector<uint8_t> block(bb);
+  for (uint64_t i = 0; i < bb; ++i) block[i] = static_cast<uint8_t>(i * 131 + 7);
+  for (uint32_t b = 0; b < 4 * batch; ++b) {
+    block[0] = static_cast<uint8_t>(b);
+    if (Status s = store.Put(BlockKey{0, sequence, 0, b}, block.data(), bb); !s.ok()) {
+      std::fprintf(stderr, "sidecar: gpu tier: put: %s\n", s.ToString().c_str());
+      return 0;
+    }
+  }
+  std::vector<int64_t> ids(batch);
+  std::vector<uint64_t> addresses(batch);
+  std::vector<double> us;
+  for (uint32_t r = 0; r < rounds; ++r) {
+    for (uint32_t i = 0; i < batch; ++i) ids[i] = int64_t{r % 4} * batch + i;
+    const auto t0 = Clock::now();
+    Result<AcquireInfo> a = store.Acquire(0, sequence, 0, ids, nullptr, addresses);
+    const auto t1 = Clock::now();
+    if (!a.ok() || a->hits != 0 || !store.Release(a->lease).ok()) {
+      std::fprintf(stderr, "sidecar: gpu tier: acquire: %s\n",
+                   a.ok() ? "a hit or a failed release" : a.status().ToString().c_str());
+      return 0;
+    }
+    us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / batch);
+  }
+  return Median(us);
+}
+
+StoreOptions TierOptions(const ModelLayout& layout, uint32_t batch) {
+  StoreOptions o;
+  o.retrieval.enabled = true;
+  o.retrieval.prefetch = false;
+  o.retrieval.force_emulated_device = true;
+  o.retrieval.device_capacity_bytes = uint64_t{batch} * layout.BytesPerBlock();
+  return o;
+}
+
+double SidecarTierMisses(const std::string& socket, const ModelLayout& layout, uint32_t batch,
+                         uint32_t rounds) {
+  StoreOptions o = TierOptions(layout, batch);
+  o.sidecar.socket = socket;
+  o.sidecar.staging_blocks = batch;
+  auto store = Store::Open(o, layout);
+  if (!store.ok()) {
+    std::fprintf(stderr, "sidecar: gpu tier: %s\n", store.status().ToString().c_str());
+    return 0;
+  }
+  return AcquireMisses(**store, batch, rounds);
+}
+
+double EmbeddedTierMisses(const ModelLayout& layout, uint32_t batch, uint32_t rounds) {
+  StoreOptions o = TierOptions(layout, batch);
+  o.host_capacity_bytes = uint64_t{5} * batch * layout.BytesPerBlock();
+  auto store = Store::Open(o, layout);
+  if (!store.ok()) {
+    std::fprintf(stderr, "sidecar: gpu tier: %s\n", store.status().ToString().c_str());
+    return 0;
+  }
+  return AcquireMisses(**store, batch, rounds);
+}
+
+double MemcpyPerBlock(uint64_t block_bytes, uint32_t batch, uint32_t rounds) {
+  std::vector<uint8_t> src(uint64_t{4} * batch * block_bytes, 1),
+      dst(uint64_t{batch} * block_bytes);
+  std::vector<double> us;
+  for (uint32_t r = 0; r < rounds; ++r) {
+    const uint8_t* from = src.data() + uint64_t{r % 4} * batch * block_bytes;
+    const auto t0 = Clock::now();
+    for (uint32_t i = 0; i < batch; ++i) {
+      std::memcpy(dst.data() + i * block_bytes, from + i * block_bytes, block_bytes);
+    }
+    const auto t1 = Clock::now();
+    us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / batch);
+  }
+  return dst[block_bytes / 2] == 1 ? Median(us) : 0;
+}
+
 // --- Throughput ----------------------------------------------------------------------
 
 // Runs `clients` child processes of `body(deadline) -> replies`, released together;
@@ -504,6 +594,20 @@ int RunSidecarBench(const SidecarConfig& config) {
                 redis > 0 ? std::to_string(static_cast<uint64_t>(redis_rps.back())).c_str() : "-");
   }
   Stop(redis);
+
+  // GPU tier misses, sides alternating.
+  std::vector<double> tier_sidecar, tier_embedded, tier_memcpy;
+  const uint32_t tier_rounds = 40;
+  for (uint32_t rep = 0; config.gpu_tier && rep < config.reps; ++rep) {
+    tier_sidecar.push_back(SidecarTierMisses(socket, layout, config.tier_batch, tier_rounds));
+    tier_embedded.push_back(EmbeddedTierMisses(layout, config.tier_batch, tier_rounds));
+    tier_memcpy.push_back(MemcpyPerBlock(layout.BytesPerBlock(), config.tier_batch, tier_rounds));
+    std::printf(
+        "rep %u GPU-tier miss (emulated), us per block of %llu KiB: sidecar client %.1f  "
+        "embedded %.1f  memcpy %.1f\n",
+        rep, static_cast<unsigned long long>(layout.BytesPerBlock() >> 10), tier_sidecar.back(),
+        tier_embedded.back(), tier_memcpy.back());
+  }
   Stop(daemon);
 
   const double p50 = Median(ping50), p99 = Median(ping99);
@@ -522,6 +626,14 @@ int RunSidecarBench(const SidecarConfig& config) {
   if (r_rps > 0) {
     std::printf("  pipelined: kvtierd %.0f/s, redis %.0f/s: %.2fx (target >= 0.5x)\n", s_rps, r_rps,
                 s_rps / r_rps);
+  }
+  const double t_side = Median(tier_sidecar), t_emb = Median(tier_embedded);
+  const double t_copy = Median(tier_memcpy);
+  if (config.gpu_tier && t_copy > 0) {
+    std::printf(
+        "  GPU-tier miss per block: sidecar client %.1f us (%.2fx memcpy), embedded %.1f us "
+        "(%.2fx memcpy), memcpy %.1f us\n",
+        t_side, t_side / t_copy, t_emb, t_emb / t_copy, t_copy);
   }
   if (config.json) {
     JsonLine j;
@@ -543,11 +655,16 @@ int RunSidecarBench(const SidecarConfig& config) {
     j.Add("kvtierd_requests_per_s", s_rps);
     j.Add("redis_requests_per_s", r_rps);
     j.Add("throughput_ratio", r_rps > 0 ? s_rps / r_rps : 0.0);
+    j.Add("tier_batch", config.tier_batch);
+    j.Add("tier_miss_sidecar_us_per_block", t_side);
+    j.Add("tier_miss_embedded_us_per_block", t_emb);
+    j.Add("tier_miss_memcpy_us_per_block", t_copy);
     std::printf("%s\n", j.str().c_str());
   }
   std::error_code ec;
   fs::remove_all(dir, ec);
-  const bool ok = w50 > 0 && l50 > 0 && (s_rps > 0 || !config.throughput);
+  const bool ok = w50 > 0 && l50 > 0 && (s_rps > 0 || !config.throughput) &&
+                  (!config.gpu_tier || (t_side > 0 && t_emb > 0 && t_copy > 0));
   return ok ? 0 : 1;
 }
 
@@ -581,6 +698,10 @@ void AddSidecarCommand(CLI::App& app, int* exit_code) {
       ->check(CLI::Range(1u, 100u));
   cmd->add_flag("!--no-throughput", config->throughput,
                 "Measure the round trips only (ping-pong, raw frames, client library)");
+  cmd->add_flag("!--no-gpu-tier", config->gpu_tier, "Skip the GPU-tier misses");
+  cmd->add_option("--tier-batch", config->tier_batch, "Blocks per Acquire (GPU-tier misses)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 256u));
   cmd->add_flag("--json", config->json, "Print one JSON object last");
   cmd->callback([config, exit_code] { *exit_code = RunSidecarBench(*config); });
 }
