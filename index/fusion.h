@@ -33,6 +33,14 @@ double SumOf(const float* v, uint64_t n);
 // is 0).
 float MassFromTerms(float* terms, uint64_t n, uint32_t rows, float* out);
 
+// MassFromTerms given the largest term `max` (as MaxOf(terms, n * rows) would return it):
+// the same results. Returns the shift used.
+float MassFromTermsMax(float* terms, uint64_t n, uint32_t rows, float max, float* out);
+
+// In place, t[i] = t[i] * (row_scale[i] * s) + add[i] for i < n; returns MaxOf of the
+// results (two-stage scoring's first pass: integer dot products to terms).
+float ScaleAddMax(float* t, const float* row_scale, float s, const float* add, uint64_t n);
+
 // Fusion and top-k over n indexed blocks. `mass` is [num_query_heads][stride] floats
 // (mass_h of block ids[i] at mass[h * stride + i], relative to any per-head constant;
 // each >= 0). Writes `out` and `scores` as LayerIndex::Select does. A head whose masses

@@ -18,7 +18,9 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-__attribute__((target("avx2,fma"))) void ExpAvx2(float* v, uint64_t n) {
+// v[i] = exp(v[i] - shift).
+__attribute__((target("avx2,fma"))) void ExpAvx2(float* v, uint64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
   const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.3f);
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
   const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
@@ -28,7 +30,7 @@ __attribute__((target("avx2,fma"))) void ExpAvx2(float* v, uint64_t n) {
   const __m256 one = _mm256_set1_ps(1.0f);
   uint64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 x0 = _mm256_loadu_ps(v + i);
+    const __m256 x0 = _mm256_sub_ps(_mm256_loadu_ps(v + i), sh);
     // x >= lo is false for NaN and for x below -87: those lanes become 0.
     const __m256 keep = _mm256_cmp_ps(x0, lo, _CMP_GE_OQ);
     __m256 x = _mm256_min_ps(_mm256_max_ps(x0, lo), hi);
@@ -48,7 +50,33 @@ __attribute__((target("avx2,fma"))) void ExpAvx2(float* v, uint64_t n) {
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
     _mm256_storeu_ps(v + i, _mm256_and_ps(y, keep));
   }
-  for (; i < n; ++i) v[i] = v[i] >= -87.0f ? std::exp(std::min(v[i], 88.3f)) : 0.0f;
+  for (; i < n; ++i) {
+    const float x = v[i] - shift;
+    v[i] = x >= -87.0f ? std::exp(std::min(x, 88.3f)) : 0.0f;
+  }
+}
+
+__attribute__((target("avx2,fma"))) float ScaleAddMaxAvx2(float* t, const float* a, float s,
+                                                          const float* b, uint64_t n) {
+  const __m256 sv = _mm256_set1_ps(s);
+  __m256 m0 = _mm256_set1_ps(kNegInf);
+  uint64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 f = _mm256_mul_ps(_mm256_loadu_ps(a + i), sv);
+    const __m256 x =
+        _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(t + i), f), _mm256_loadu_ps(b + i));
+    _mm256_storeu_ps(t + i, x);
+    m0 = _mm256_max_ps(x, m0);  // m0 when x is NaN
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m0);
+  float m = kNegInf;
+  for (float x : lanes) m = x > m ? x : m;
+  for (; i < n; ++i) {
+    t[i] = t[i] * (a[i] * s) + b[i];
+    m = t[i] > m ? t[i] : m;
+  }
+  return m;
 }
 
 // The largest of v[0..n) ignoring NaN (-infinity when none).
@@ -102,7 +130,7 @@ void TakeTop(std::vector<std::pair<float, uint64_t>>& rank, uint32_t k, int64_t*
 }  // namespace
 
 void ExpInPlace(float* v, uint64_t n) {
-  if (simd::HasAvx2()) return ExpAvx2(v, n);
+  if (simd::HasAvx2()) return ExpAvx2(v, n, 0.0f);
   for (uint64_t i = 0; i < n; ++i) v[i] = v[i] >= -87.0f ? std::exp(std::min(v[i], 88.3f)) : 0.0f;
 }
 
@@ -120,17 +148,37 @@ double SumOf(const float* v, uint64_t n) {
   return s;
 }
 
+float ScaleAddMax(float* t, const float* row_scale, float s, const float* add, uint64_t n) {
+  if (simd::HasAvx2()) return ScaleAddMaxAvx2(t, row_scale, s, add, n);
+  float m = kNegInf;
+  for (uint64_t i = 0; i < n; ++i) {
+    t[i] = t[i] * (row_scale[i] * s) + add[i];
+    m = t[i] > m ? t[i] : m;
+  }
+  return m;
+}
+
 float MassFromTerms(float* terms, uint64_t n, uint32_t rows, float* out) {
+  return MassFromTermsMax(terms, n, rows, MaxOf(terms, n * rows), out);
+}
+
+float MassFromTermsMax(float* terms, uint64_t n, uint32_t rows, float max, float* out) {
   const uint64_t count = n * rows;
-  const float shift = MaxOf(terms, count);
+  const float shift = max;
   if (shift == kNegInf || shift != shift) {
     std::fill_n(out, n, 0.0f);
     return kNegInf;
   }
-  for (uint64_t i = 0; i < count; ++i) terms[i] -= shift;
-  ExpInPlace(terms, count);
+  if (simd::HasAvx2()) {
+    ExpAvx2(terms, count, shift);  // the subtraction fused in
+  } else {
+    for (uint64_t i = 0; i < count; ++i) terms[i] -= shift;
+    ExpInPlace(terms, count);
+  }
   if (rows == 1) {
     std::copy_n(terms, n, out);
+  } else if (rows == 2) {
+    for (uint64_t b = 0; b < n; ++b) out[b] = terms[2 * b] + terms[2 * b + 1];
   } else {
     for (uint64_t b = 0; b < n; ++b) {
       float s = 0;
@@ -297,8 +345,13 @@ void ReferenceTwoStage(const IndexConfig& config, std::span<const uint64_t> ids,
     return LogSumExp(t);
   };
   std::vector<double> z1(hq);
+  // The first pass's queries: s q_h in float, quantized (simd::QuantizeI16).
+  const float scale_f = config.scale > 0 ? config.scale : 1.0f / std::sqrt(float(d));
+  std::vector<float> qf(d);
+  std::vector<int16_t> qi(d);
   for (uint32_t h = 0; h < hq; ++h) {
-    const float* q = params.queries.data() + uint64_t{h} * d;
+    for (uint32_t x = 0; x < d; ++x) qf[x] = params.queries[uint64_t{h} * d + x] * scale_f;
+    const double qs = simd::QuantizeI16(qf.data(), d, qi.data());
     const uint32_t k = h / g;
     for (uint64_t i = 0; i < n; ++i) {
       const CoarseSummary& c = coarse[i];
@@ -306,12 +359,11 @@ void ReferenceTwoStage(const IndexConfig& config, std::span<const uint64_t> ids,
       for (uint32_t j = 0; j < cr; ++j) {
         const double w = c.weights[uint64_t{k} * cr + j];
         if (w <= 0) continue;
-        double dot = 0;
+        int64_t dot = 0;
         for (uint32_t x = 0; x < d; ++x) {
-          dot += q[x] * (double(c.vectors[(uint64_t{k} * cr + j) * d + x]) *
-                         c.scales[uint64_t{k} * cr + j]);
+          dot += int64_t{c.vectors[(uint64_t{k} * cr + j) * d + x]} * qi[x];
         }
-        t[j] = std::log(w) + scale * dot;
+        t[j] = std::log(w) + double(dot) * qs * c.scales[uint64_t{k} * cr + j];
       }
       e1[uint64_t{h} * n + i] = LogSumExp(t);
     }

@@ -20,7 +20,10 @@
 // Per score row r (kPerLayer: one, over every query head; kPerKvHead: one per KV head,
 // over its group):
 //   1. e1_h(b): the estimator over b's coarse rows (CoarsenSummary, index/summary.h: the
-//      clusters merged into coarse_rows int8 rows, value = int8 * scale), every block.
+//      clusters merged into coarse_rows int8 rows, value = int8 * scale), every block,
+//      with the query s q_h (s q_h computed in float) quantized by simd::QuantizeI16 to
+//      int16 values u_h times a scale a_h: s q_h . r_j is taken as (u_h . int8_j) a_h
+//      scale_j, the integer dot product exact (index/simd.h).
 //      Z1_h = log sum_b exp(e1_h(b)); F1_r(b) = sum_{h of r} exp(e1_h(b) - Z1_h).
 //   2. The shortlist S_r: the L = min(shortlist_factor * top_k, candidates) best
 //      candidates by F1_r (ties: lower id). The fine set P_r = S_r and every

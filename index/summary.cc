@@ -28,6 +28,7 @@ struct Scratch {
   std::vector<float> mind;       // [n]
   std::vector<uint32_t> order;   // [n]
   std::vector<float> dots;       // [C][n]
+  std::vector<float> dist;       // [n]
 };
 
 Scratch& ThreadScratch() {
@@ -49,8 +50,6 @@ void LoadHeadKeys(const SummaryShape& s, const void* block, uint32_t kv, uint32_
   }
 }
 
-using simd::SquaredDistance;
-
 // k-means of n keys into C clusters: centroid [C][D], count [C] (see summary.h).
 void Cluster(Scratch& sc, uint32_t n, uint32_t d, uint32_t c_max) {
   const float* x = sc.keys.data();
@@ -62,14 +61,14 @@ void Cluster(Scratch& sc, uint32_t n, uint32_t d, uint32_t c_max) {
   // Seed 0: the key nearest the mean.
   std::vector<float>& mean = sc.sums;
   mean.assign(d, 0.0f);
-  for (uint32_t t = 0; t < n; ++t) {
-    for (uint32_t i = 0; i < d; ++i) mean[i] += x[uint64_t{t} * d + i];
-  }
+  for (uint32_t t = 0; t < n; ++t) simd::AddTo(mean.data(), x + uint64_t{t} * d, d);
   for (uint32_t i = 0; i < d; ++i) mean[i] /= static_cast<float>(n);
   uint32_t best = 0;
   float best_d = std::numeric_limits<float>::infinity();
+  sc.dist.resize(n);
+  simd::SquaredDistances(x, n, mean.data(), d, sc.dist.data());
   for (uint32_t t = 0; t < n; ++t) {
-    const float dist = SquaredDistance(x + uint64_t{t} * d, mean.data(), d);
+    const float dist = sc.dist[t];
     if (dist < best_d) best_d = dist, best = t;
   }
   uint32_t seeds = 0;
@@ -80,9 +79,9 @@ void Cluster(Scratch& sc, uint32_t n, uint32_t d, uint32_t c_max) {
     // Farthest key from the seeds so far.
     float far_d = -1.0f;
     uint32_t far = 0;
+    simd::SquaredDistances(x, n, sc.centroid.data() + uint64_t{c} * d, d, sc.dist.data());
     for (uint32_t t = 0; t < n; ++t) {
-      const float dist =
-          SquaredDistance(x + uint64_t{t} * d, sc.centroid.data() + uint64_t{c} * d, d);
+      const float dist = sc.dist[t];
       sc.mind[t] = std::min(sc.mind[t], dist);
       if (sc.mind[t] > far_d) far_d = sc.mind[t], far = t;
     }
@@ -100,22 +99,15 @@ void Cluster(Scratch& sc, uint32_t n, uint32_t d, uint32_t c_max) {
     // Every key against every centroid in one pass: dots[c][t].
     sc.dots.resize(uint64_t{seeds} * n);
     simd::DotsF32(x, n, d, sc.centroid.data(), seeds, sc.dots.data(), n);
-    for (uint32_t t = 0; t < n; ++t) {
-      uint32_t arg = 0;
-      float bd = std::numeric_limits<float>::infinity();
-      for (uint32_t c = 0; c < seeds; ++c) {
-        const float dist = sc.norms[t] - 2.0f * sc.dots[uint64_t{c} * n + t] + sc.cnorm[c];
-        if (dist < bd) bd = dist, arg = c;
-      }
-      sc.assign[t] = arg;
-    }
+    simd::NearestCentroids(sc.norms.data(), sc.dots.data(), n, sc.cnorm.data(), seeds,
+                           sc.assign.data());
     // Recompute the centroids (an emptied cluster keeps its centroid, with count 0).
     sc.sums.assign(uint64_t{seeds} * d, 0.0f);
     std::fill(sc.count.begin(), sc.count.end(), 0u);
     for (uint32_t t = 0; t < n; ++t) {
       float* dst = sc.sums.data() + uint64_t{sc.assign[t]} * d;
       const float* xt = x + uint64_t{t} * d;
-      for (uint32_t i = 0; i < d; ++i) dst[i] += xt[i];
+      simd::AddTo(dst, xt, d);
       ++sc.count[sc.assign[t]];
     }
     for (uint32_t c = 0; c < seeds; ++c) {

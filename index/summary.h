@@ -18,8 +18,13 @@
 //              largest L2 norm. A block of n < R valid tokens repeats row j % n.
 // Only the first `valid_tokens` tokens of the block are read (a partly filled block).
 //
-// The summary of a block is a pure function of its keys (and scores): the same on every
-// machine, so a reopened store rebuilds the same index.
+// The summary of a block is a pure function of its keys (and scores), so a reopened store
+// rebuilds the same index. The clustering's float arithmetic has one evaluation order per
+// code path (index/simd.h: fixed 8-lane FMA accumulation, batched helpers that give the
+// bits of the one-at-a-time calls), independent of threads and of how the work is
+// batched: the same bits on every x86-64 machine with AVX2 + FMA + F16C. The portable
+// fallback (no AVX2) sums in another order, so there the clusters may differ in the last
+// bits (and then rarely in an assignment).
 #ifndef KVTIER_INDEX_SUMMARY_H_
 #define KVTIER_INDEX_SUMMARY_H_
 

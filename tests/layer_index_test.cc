@@ -8,12 +8,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "index/fusion.h"
+#include "index/simd.h"
 #include "kernels/dtype_convert.h"
 
 namespace kvtier {
@@ -341,6 +343,54 @@ TEST(Fusion, MassFromTermsSumsRowsRelativeToTheLargest) {
   EXPECT_NEAR(m[0], std::exp(-2.0f) + std::exp(-1.0f), 1e-6);
   EXPECT_NEAR(m[1], 1.0f, 1e-6);
   EXPECT_EQ(m[2], 0.0f);
+}
+
+// The first pass's integer arithmetic: QuantizeI16's rounding and range, DotsI8I16 exact
+// against int64 sums for head_dims on and off the vector width, g from 1 to 12.
+TEST(LayerIndex, QuantizedDotsAreExact) {
+  std::mt19937_64 rng(91);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  std::uniform_int_distribution<int> i8(-127, 127);
+  for (uint32_t d : {8u, 16u, 24u, 128u, 1024u}) {
+    const int32_t limit = simd::I16Limit(d);
+    EXPECT_LE(int64_t{limit} * 127 * d, int64_t{INT32_MAX}) << d;
+    for (uint32_t g : {1u, 3u, 4u, 12u}) {
+      const uint32_t count = 7;
+      std::vector<float> qf(uint64_t{g} * d);
+      for (float& x : qf) x = nd(rng);
+      std::vector<int16_t> qi(qf.size());
+      std::vector<float> qs(g);
+      for (uint32_t h = 0; h < g; ++h) {
+        qs[h] = simd::QuantizeI16(qf.data() + uint64_t{h} * d, d, qi.data() + uint64_t{h} * d);
+        ASSERT_GT(qs[h], 0.0f);
+        for (uint32_t c = 0; c < d; ++c) {
+          const float v = qf[uint64_t{h} * d + c] / qs[h];
+          EXPECT_EQ(qi[uint64_t{h} * d + c], std::clamp<long>(std::lround(v), -limit, limit));
+        }
+      }
+      std::vector<int8_t> rows(uint64_t{count} * d);
+      for (int8_t& x : rows) x = static_cast<int8_t>(i8(rng));
+      std::vector<float> dots(uint64_t{g} * count, std::nanf(""));
+      simd::DotsI8I16(rows.data(), count, d, qi.data(), g, dots.data(), count);
+      for (uint32_t h = 0; h < g; ++h) {
+        for (uint32_t r = 0; r < count; ++r) {
+          int64_t want = 0;
+          for (uint32_t c = 0; c < d; ++c) {
+            want += int64_t{rows[uint64_t{r} * d + c]} * qi[uint64_t{h} * d + c];
+          }
+          EXPECT_EQ(dots[uint64_t{h} * count + r], static_cast<float>(want))
+              << "d " << d << " g " << g << " h " << h << " r " << r;
+        }
+      }
+    }
+  }
+  // Zero, infinite and NaN queries quantize to zeros with scale 0.
+  std::vector<float> bad = {0.0f, 0.0f, 1.0f, std::nanf("")};
+  std::vector<int16_t> out(4, 7);
+  EXPECT_EQ(simd::QuantizeI16(bad.data(), 4, out.data()), 0.0f);
+  EXPECT_EQ(out, std::vector<int16_t>(4, 0));
+  bad = {0.0f, 0.0f, 0.0f, 0.0f};
+  EXPECT_EQ(simd::QuantizeI16(bad.data(), 4, out.data()), 0.0f);
 }
 
 }  // namespace

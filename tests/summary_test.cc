@@ -4,10 +4,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
+#include "index/simd.h"
 #include "kernels/dtype_convert.h"
 
 namespace kvtier {
@@ -238,6 +242,57 @@ TEST(Summary, BadInput) {
   bad = b.shape;
   bad.head_dim = 2048;
   EXPECT_TRUE(SummarizeBlock(bad, b.data.data(), 4, {}, &s).IsInvalidArgument());
+}
+
+// The batched k-means helpers give the same bits as the one-at-a-time code they replace
+// (the summary must not depend on which path ran).
+TEST(Summary, BatchedHelpersMatchScalarBits) {
+  std::mt19937_64 rng(17);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  for (uint32_t d : {8u, 20u, 128u}) {
+    const uint32_t n = 37, count = 12;
+    std::vector<float> rows(uint64_t{n} * d), v(d);
+    for (float& x : rows) x = nd(rng);
+    for (float& x : v) x = nd(rng);
+    std::vector<float> got(n);
+    simd::SquaredDistances(rows.data(), n, v.data(), d, got.data());
+    for (uint32_t r = 0; r < n; ++r) {
+      const float want = simd::SquaredDistance(rows.data() + uint64_t{r} * d, v.data(), d);
+      EXPECT_EQ(std::memcmp(&got[r], &want, 4), 0) << d << " " << r;
+    }
+    std::vector<float> norms(n), dots(uint64_t{count} * n), cnorm(count);
+    for (float& x : norms) x = std::abs(nd(rng)) * 10;
+    for (float& x : dots) x = nd(rng);
+    for (float& x : cnorm) x = std::abs(nd(rng));
+    dots[5] = dots[n + 5];  // a tie: the lower centroid wins
+    cnorm[1] = cnorm[0];
+    std::vector<uint32_t> assign(n, 99);
+    simd::NearestCentroids(norms.data(), dots.data(), n, cnorm.data(), count, assign.data());
+    for (uint32_t t = 0; t < n; ++t) {
+      uint32_t want = 0;
+      float bd = std::numeric_limits<float>::infinity();
+      for (uint32_t c = 0; c < count; ++c) {
+        const float dist = norms[t] - 2.0f * dots[uint64_t{c} * n + t] + cnorm[c];
+        if (dist < bd) bd = dist, want = c;
+      }
+      EXPECT_EQ(assign[t], want) << t;
+    }
+    std::vector<float> acc(d, 1.5f), want(d);
+    for (uint32_t c = 0; c < d; ++c) want[c] = acc[c] + v[c];
+    simd::AddTo(acc.data(), v.data(), d);
+    EXPECT_EQ(acc, want);
+  }
+  // FloatToHalf (F16C when present) against the scalar conversion, saturation and
+  // subnormals included.
+  std::vector<float> f = {0.0f,  -0.0f,    1.0f / 3, 65504.0f, 70000.0f,   -1e9f,
+                          6e-8f, 3e-8f,    1e-5f,    -2.5e-6f, 1234.5678f, 0.1f,
+                          -7.0f, 2.98e-8f, 65519.0f, 1e-30f};
+  for (int i = 0; i < 64; ++i) f.push_back(nd(rng) * 100);
+  std::vector<uint16_t> h(f.size());
+  simd::FloatToHalf(f.data(), h.data(), f.size());
+  for (size_t i = 0; i < f.size(); ++i) {
+    EXPECT_EQ(h[i], FloatToHalfBits(std::clamp(f[i], -65504.0f, 65504.0f))) << f[i];
+  }
 }
 
 }  // namespace
