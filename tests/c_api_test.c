@@ -139,7 +139,7 @@ static void TestNamesAndDefaults(void) {
   CHECK(o.async_threads == 2);
   CHECK(o.retrieval.enabled == 0);
   CHECK(o.retrieval.summary == KVTIER_SUMMARY_CLUSTERS);
-  CHECK(o.retrieval.clusters == 3);
+  CHECK(o.retrieval.clusters == 12);
   CHECK(o.retrieval.top_r == 4);
   CHECK(o.retrieval.backend == KVTIER_INDEX_AUTO);
   CHECK(o.retrieval.hnsw_m == 32);

@@ -341,7 +341,7 @@ TEST_F(ToolsTensorTest, ExplainSelectsWhatSelectSelectsAndMeasuresTheTruth) {
       EXPECT_EQ(j["tokens"].number, double(kTokens));
       EXPECT_EQ(j["context_tokens"].number, double(kTokens));
       EXPECT_EQ(j["summary"].string, "clusters");
-      EXPECT_EQ(j["summary_rows"].number, 3);
+      EXPECT_EQ(j["summary_rows"].number, 12);
       EXPECT_EQ(j["backend"].string, "auto");
       EXPECT_EQ(j["scope"].string, "layer");
       EXPECT_EQ(j["top_k"].number, kTopK);

@@ -190,6 +190,8 @@ Status ReadRetrieval(Section& s, DaemonConfig* c) {
   KVTIER_RETURN_IF_ERROR(s.Integer("n_init", &r.n_init, 0, 1u << 30));
   KVTIER_RETURN_IF_ERROR(s.Integer("n_local", &r.n_local, 0, 1u << 30));
   KVTIER_RETURN_IF_ERROR(s.Integer("clusters", &r.clusters, 1, 64));
+  KVTIER_RETURN_IF_ERROR(s.Integer("coarse_clusters", &r.coarse_clusters, 0, 64));
+  KVTIER_RETURN_IF_ERROR(s.Integer("shortlist_factor", &r.shortlist_factor, 0, 1024));
   return s.CheckUnknown();
 }
 

@@ -31,7 +31,8 @@ struct DaemonConfig {
   //   layers, kv_heads, query_heads, head_dim, dtype ("bf16", "fp16", ...),
   //   block_tokens (default 128)
   // [retrieval]: decode-time retrieval (Select through the daemon).
-  //   enabled (false), top_k (16), n_init (128), n_local (4096), clusters (3)
+  //   enabled (false), top_k (16), n_init (128), n_local (4096), clusters (12),
+  //   coarse_clusters (2), shortlist_factor (3) (kvtier/retrieval.h)
   // [[namespace]] entries: quotas live in store.quotas, the rest in server.namespaces.
   //   id (required), name (default "ns<id>"), uids [], gids [], tokens [],
   //   host_quota (0: none), disk_quota (0: none)
