@@ -108,7 +108,7 @@ namespace {
 
 // The blocks of a Put (whatever its outcome) leave the client's GPU tier.
 void InvalidateWrites(SidecarDevice* device, std::span<const BlockWrite> writes) {
-  if (device == nullptr || !device->has_tier()) return;
+  if (device == nullptr) return;
   for (const BlockWrite& w : writes) device->Invalidate(w.key);
 }
 
@@ -161,8 +161,10 @@ void SidecarStore::PutAsync(const BlockKey& key, const void* data, uint64_t byte
   t->one_status = CheckKey(key);
   if (t->one_status.ok()) t->one_status = CheckBuffer(data, bytes);
   t->statuses = std::span<Status>(&t->one_status, 1);
-  t->done = [device = std::weak_ptr(device_), key, done = std::move(done)](Status s) {
-    if (auto d = device.lock(); d != nullptr && d->has_tier()) d->Invalidate(key);
+  // The span points into the transfer, which outlives its completion.
+  t->done = [device = std::weak_ptr(device_), writes = t->writes,
+             done = std::move(done)](Status s) {
+    InvalidateWrites(device.lock().get(), writes);
     done(std::move(s));
   };
   (void)client_->Submit(std::move(t));
