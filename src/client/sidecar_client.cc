@@ -115,7 +115,8 @@ SidecarClient::~SidecarClient() {
     // background thread reads the replies).
     MutexLock lock(&mu_);
     const auto deadline = Clock::now() + std::chrono::milliseconds(options_.connect_timeout_ms);
-    while (connection_ != nullptr && (!pending_.empty() || !waiting_.empty()) &&
+    while (connection_ != nullptr &&
+           (!pending_.empty() || !waiting_.empty() || chunks_in_transit_ != 0) &&
            Clock::now() < deadline) {
       cv_.wait_until(mu_, deadline);
     }
@@ -405,8 +406,12 @@ void SidecarClient::Pump() {
       chunk->transfer = std::move(t);
       chunk->connection = connection_;
       chunk->generation = generation_;
+      ++chunks_in_transit_;
     }
     SendChunk(std::move(chunk));
+    MutexLock lock(&mu_);
+    // In pending_ now, or failed: what the destructor's drain waits for.
+    if (--chunks_in_transit_ == 0) cv_.notify_all();
   }
 }
 

@@ -210,6 +210,8 @@ class SidecarClient {
   std::vector<uint32_t> free_slots_ KVTIER_GUARDED_BY(mu_);
   uint32_t total_slots_ KVTIER_GUARDED_BY(mu_) = 0;
   std::deque<std::shared_ptr<Transfer>> waiting_ KVTIER_GUARDED_BY(mu_);  // members unsent
+  // Chunks Pump took off waiting_ that are not yet in pending_ (being built and sent).
+  uint32_t chunks_in_transit_ KVTIER_GUARDED_BY(mu_) = 0;
   std::deque<std::function<void()>> completions_ KVTIER_GUARDED_BY(mu_);
   bool stopping_ KVTIER_GUARDED_BY(mu_) = false;     // threads: exit
   bool reader_done_ KVTIER_GUARDED_BY(mu_) = false;  // no handler will run any more
