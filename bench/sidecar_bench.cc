@@ -13,8 +13,9 @@
 // GPU tier misses (skipped with --no-gpu-tier): Acquire of `--tier-batch` blocks none of
 // which is resident (an emulated GPU tier of that many blocks; the sets rotate over 4x
 // as many blocks, all in the host tier), per block: through a sidecar client (its own
-// tier, misses fetched through the daemon's staging area) and through an embedded store
-// in this process, against memcpy of the same bytes (the floor of an emulated copy).
+// tier; misses copied in by the daemon, the direct path, and through the daemon's staging
+// area) and through an embedded store in this process, against memcpy of the same bytes
+// (the floor of an emulated copy).
 #include "bench/sidecar_bench.h"
 
 #include <fcntl.h>
@@ -37,6 +38,7 @@
 #include <vector>
 
 #include "bench/bench_util.h"
+#include "kvtier/client.h"
 #include "kvtier/store.h"
 #include "src/server/protocol/codec.h"
 #include "src/server/protocol/frame.h"
@@ -357,17 +359,25 @@ StoreOptions TierOptions(const ModelLayout& layout, uint32_t batch) {
   return o;
 }
 
+// `direct`: the daemon copies the misses into the client's tier (else: staging area).
 double SidecarTierMisses(const std::string& socket, const ModelLayout& layout, uint32_t batch,
-                         uint32_t rounds) {
+                         uint32_t rounds, bool direct) {
   StoreOptions o = TierOptions(layout, batch);
   o.sidecar.socket = socket;
   o.sidecar.staging_blocks = batch;
+  o.sidecar.direct_device = direct;
   auto store = Store::Open(o, layout);
   if (!store.ok()) {
     std::fprintf(stderr, "sidecar: gpu tier: %s\n", store.status().ToString().c_str());
     return 0;
   }
-  return AcquireMisses(**store, batch, rounds);
+  const double us = AcquireMisses(**store, batch, rounds);
+  if (direct && (*store)->Stats().device_direct_blocks == 0) {
+    std::fprintf(stderr, "sidecar: gpu tier: the direct path was not taken (%s)\n",
+                 GetSidecarStatus(**store)->direct_device_error.c_str());
+    return 0;
+  }
+  return us;
 }
 
 double EmbeddedTierMisses(const ModelLayout& layout, uint32_t batch, uint32_t rounds) {
@@ -596,17 +606,19 @@ int RunSidecarBench(const SidecarConfig& config) {
   Stop(redis);
 
   // GPU tier misses, sides alternating.
-  std::vector<double> tier_sidecar, tier_embedded, tier_memcpy;
+  std::vector<double> tier_sidecar, tier_staging, tier_embedded, tier_memcpy;
   const uint32_t tier_rounds = 40;
   for (uint32_t rep = 0; config.gpu_tier && rep < config.reps; ++rep) {
-    tier_sidecar.push_back(SidecarTierMisses(socket, layout, config.tier_batch, tier_rounds));
+    tier_sidecar.push_back(SidecarTierMisses(socket, layout, config.tier_batch, tier_rounds, true));
+    tier_staging.push_back(
+        SidecarTierMisses(socket, layout, config.tier_batch, tier_rounds, false));
     tier_embedded.push_back(EmbeddedTierMisses(layout, config.tier_batch, tier_rounds));
     tier_memcpy.push_back(MemcpyPerBlock(layout.BytesPerBlock(), config.tier_batch, tier_rounds));
     std::printf(
-        "rep %u GPU-tier miss (emulated), us per block of %llu KiB: sidecar client %.1f  "
-        "embedded %.1f  memcpy %.1f\n",
+        "rep %u GPU-tier miss (emulated), us per block of %llu KiB: sidecar client direct %.1f  "
+        "staging %.1f  embedded %.1f  memcpy %.1f\n",
         rep, static_cast<unsigned long long>(layout.BytesPerBlock() >> 10), tier_sidecar.back(),
-        tier_embedded.back(), tier_memcpy.back());
+        tier_staging.back(), tier_embedded.back(), tier_memcpy.back());
   }
   Stop(daemon);
 
@@ -628,12 +640,12 @@ int RunSidecarBench(const SidecarConfig& config) {
                 s_rps / r_rps);
   }
   const double t_side = Median(tier_sidecar), t_emb = Median(tier_embedded);
-  const double t_copy = Median(tier_memcpy);
+  const double t_stage = Median(tier_staging), t_copy = Median(tier_memcpy);
   if (config.gpu_tier && t_copy > 0) {
     std::printf(
-        "  GPU-tier miss per block: sidecar client %.1f us (%.2fx memcpy), embedded %.1f us "
-        "(%.2fx memcpy), memcpy %.1f us\n",
-        t_side, t_side / t_copy, t_emb, t_emb / t_copy, t_copy);
+        "  GPU-tier miss per block: sidecar client direct %.1f us (%.2fx memcpy), staging "
+        "%.1f us (%.2fx), embedded %.1f us (%.2fx), memcpy %.1f us\n",
+        t_side, t_side / t_copy, t_stage, t_stage / t_copy, t_emb, t_emb / t_copy, t_copy);
   }
   if (config.json) {
     JsonLine j;
@@ -657,6 +669,7 @@ int RunSidecarBench(const SidecarConfig& config) {
     j.Add("throughput_ratio", r_rps > 0 ? s_rps / r_rps : 0.0);
     j.Add("tier_batch", config.tier_batch);
     j.Add("tier_miss_sidecar_us_per_block", t_side);
+    j.Add("tier_miss_sidecar_staging_us_per_block", t_stage);
     j.Add("tier_miss_embedded_us_per_block", t_emb);
     j.Add("tier_miss_memcpy_us_per_block", t_copy);
     std::printf("%s\n", j.str().c_str());
@@ -664,7 +677,7 @@ int RunSidecarBench(const SidecarConfig& config) {
   std::error_code ec;
   fs::remove_all(dir, ec);
   const bool ok = w50 > 0 && l50 > 0 && (s_rps > 0 || !config.throughput) &&
-                  (!config.gpu_tier || (t_side > 0 && t_emb > 0 && t_copy > 0));
+                  (!config.gpu_tier || (t_side > 0 && t_stage > 0 && t_emb > 0 && t_copy > 0));
   return ok ? 0 : 1;
 }
 

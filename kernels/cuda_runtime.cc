@@ -1,9 +1,11 @@
 #include "kernels/cuda_runtime.h"
 
 #include <atomic>
+#include <cstring>
 #include <string>
 
 #if KVTIER_WITH_CUDA
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -119,6 +121,26 @@ Result<std::string> DeviceName(int device) {
   return std::string(prop.name);
 }
 
+Result<std::array<uint8_t, 16>> DeviceUuid(int device) {
+  if (!HasDevice()) return NoDevice("cudaGetDeviceProperties");
+  cudaDeviceProp prop{};
+  KVTIER_RETURN_IF_ERROR(Check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties"));
+  std::array<uint8_t, 16> uuid{};
+  static_assert(sizeof(prop.uuid.bytes) == 16);
+  std::memcpy(uuid.data(), prop.uuid.bytes, uuid.size());
+  return uuid;
+}
+
+Result<int> DeviceWithUuid(std::span<const uint8_t, 16> uuid) {
+  if (!HasDevice()) return NoDevice("cudaGetDeviceProperties");
+  for (int device = 0; device < Devices().device_count; ++device) {
+    Result<std::array<uint8_t, 16>> id = DeviceUuid(device);
+    if (!id.ok()) return id.status();
+    if (std::memcmp(id->data(), uuid.data(), uuid.size()) == 0) return device;
+  }
+  return Status::NotFound("no visible CUDA device has the GPU UUID asked for");
+}
+
 ScopedDevice::ScopedDevice(int device) {
   Result<int> current = CurrentDevice();
   if (!current.ok()) {
@@ -161,6 +183,63 @@ bool IsDmaCapable(const void* ptr) {
     return false;
   }
   return attr.type == cudaMemoryTypeHost || attr.type == cudaMemoryTypeDevice;
+}
+
+// --- Sharing device memory between processes (CUDA IPC) --------------------------------
+
+Result<std::array<uint8_t, 64>> IpcGetMemHandle(void* base) {
+  if (!HasDevice()) return NoDevice("cudaIpcGetMemHandle");
+  cudaIpcMemHandle_t handle{};
+  KVTIER_RETURN_IF_ERROR(Check(cudaIpcGetMemHandle(&handle, base), "cudaIpcGetMemHandle"));
+  std::array<uint8_t, 64> bytes{};
+  static_assert(sizeof(handle.reserved) == 64);
+  std::memcpy(bytes.data(), handle.reserved, bytes.size());
+  return bytes;
+}
+
+Result<void*> IpcOpenMemHandle(std::span<const uint8_t, 64> handle) {
+  if (!HasDevice()) return NoDevice("cudaIpcOpenMemHandle");
+  cudaIpcMemHandle_t h{};
+  std::memcpy(h.reserved, handle.data(), sizeof(h.reserved));
+  void* ptr = nullptr;
+  const cudaError_t err = cudaIpcOpenMemHandle(&ptr, h, cudaIpcMemLazyEnablePeerAccess);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // a refused handle is the caller's mistake, not sticky
+    return FromCuda(err, "cudaIpcOpenMemHandle");
+  }
+  return ptr;
+}
+
+Status IpcCloseMemHandle(void* ptr) {
+  if (ptr == nullptr) return Status::OK();
+  return Check(cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle");
+}
+
+Result<uint64_t> AllocationBytesFrom(const void* ptr) {
+  if (!HasDevice()) return NoDevice("cuMemGetAddressRange");
+  // Through the runtime's entry point: the driver library is not linked directly.
+  using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+  static const GetAddressRange get_range = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<GetAddressRange>(fn);
+  }();
+  if (get_range == nullptr) {
+    return Status::NotSupported("the driver offers no cuMemGetAddressRange");
+  }
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  const CUdeviceptr p = reinterpret_cast<CUdeviceptr>(ptr);
+  if (get_range(&base, &size, p) != CUDA_SUCCESS || p < base || p - base > size) {
+    return Status::InvalidArgument("cuMemGetAddressRange: device memory unknown to the driver");
+  }
+  return uint64_t{size} - (p - base);
 }
 
 // --- Streams and events ----------------------------------------------------------------
@@ -348,6 +427,10 @@ Result<int> CurrentDevice() { return NoCuda("cudaGetDevice"); }
 Status SetDevice(int) { return NoCuda("cudaSetDevice"); }
 Result<DeviceMemoryInfo> MemoryInfo(int) { return NoCuda("cudaMemGetInfo"); }
 Result<std::string> DeviceName(int) { return NoCuda("cudaGetDeviceProperties"); }
+Result<std::array<uint8_t, 16>> DeviceUuid(int) { return NoCuda("cudaGetDeviceProperties"); }
+Result<int> DeviceWithUuid(std::span<const uint8_t, 16>) {
+  return NoCuda("cudaGetDeviceProperties");
+}
 ScopedDevice::ScopedDevice(int) : status_(NoCuda("cudaSetDevice")) {}
 ScopedDevice::~ScopedDevice() = default;
 
@@ -357,6 +440,15 @@ Status DeviceMalloc(uint64_t, void** ptr) {
 }
 Status DeviceFree(void* ptr) { return ptr == nullptr ? Status::OK() : NoCuda("cudaFree"); }
 bool IsDmaCapable(const void*) { return false; }
+
+Result<std::array<uint8_t, 64>> IpcGetMemHandle(void*) { return NoCuda("cudaIpcGetMemHandle"); }
+Result<void*> IpcOpenMemHandle(std::span<const uint8_t, 64>) {
+  return NoCuda("cudaIpcOpenMemHandle");
+}
+Status IpcCloseMemHandle(void* ptr) {
+  return ptr == nullptr ? Status::OK() : NoCuda("cudaIpcCloseMemHandle");
+}
+Result<uint64_t> AllocationBytesFrom(const void*) { return NoCuda("cuMemGetAddressRange"); }
 
 Result<Stream> Stream::Create() { return NoCuda("cudaStreamCreate"); }
 Stream::~Stream() = default;

@@ -15,6 +15,7 @@
 #ifndef KVTIER_KERNELS_CUDA_RUNTIME_H_
 #define KVTIER_KERNELS_CUDA_RUNTIME_H_
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -70,6 +71,13 @@ Result<DeviceMemoryInfo> MemoryInfo(int device);
 // The device's name ("NVIDIA H100 80GB HBM3"), or the error.
 Result<std::string> DeviceName(int device);
 
+// The device's UUID (cudaDeviceProp::uuid, 16 bytes): names a GPU across processes,
+// whatever their CUDA_VISIBLE_DEVICES.
+Result<std::array<uint8_t, 16>> DeviceUuid(int device);
+// The ordinal, in this process, of the device whose UUID is `uuid`; NotFound when no
+// visible device has it.
+Result<int> DeviceWithUuid(std::span<const uint8_t, 16> uuid);
+
 // Makes `device` current for the scope and restores the previous one after. When
 // switching fails (or there is no GPU), status() says why and nothing is restored.
 class ScopedDevice {
@@ -98,6 +106,26 @@ Status DeviceFree(void* ptr);
 // or host memory allocated by cudaHostAlloc or registered with cudaHostRegister.
 // False for pageable host memory, and without CUDA.
 bool IsDmaCapable(const void* ptr);
+
+// --- Sharing device memory between processes (CUDA IPC) --------------------------------
+
+// The IPC handle (cudaIpcMemHandle_t, 64 bytes) of the allocation whose base is `base`
+// (a cudaMalloc result): another process opens it with IpcOpenMemHandle. The memory
+// stays the exporting process's: freeing it while another process has it open is
+// undefined.
+Result<std::array<uint8_t, 64>> IpcGetMemHandle(void* base);
+// Maps another process's allocation (cudaIpcOpenMemHandle, with peer access enabled
+// lazily) into this one, on the current device; returns its base here. Close it with
+// IpcCloseMemHandle. Errors: InvalidArgument for a handle that names nothing this
+// process may open (or its own allocation), the driver's.
+Result<void*> IpcOpenMemHandle(std::span<const uint8_t, 64> handle);
+// Unmaps what IpcOpenMemHandle mapped; null is a no-op.
+Status IpcCloseMemHandle(void* ptr);
+// Bytes from `ptr` (device memory: a cudaMalloc result, or what IpcOpenMemHandle
+// returned) to the end of its allocation, as the driver knows it (cuMemGetAddressRange):
+// what a peer may claim about memory it shares is checked against this. Errors:
+// InvalidArgument for a pointer the driver does not know, NotSupported without a GPU.
+Result<uint64_t> AllocationBytesFrom(const void* ptr);
 
 // --- Streams and events ----------------------------------------------------------------
 

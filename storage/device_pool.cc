@@ -70,8 +70,8 @@ Result<std::unique_ptr<DevicePool>> DevicePool::Create(uint64_t block_bytes,
                                      std::to_string(cuda::Devices().device_count) + " present)");
     }
     KVTIER_ASSIGN_OR_RETURN(std::byte * base, AllocateOnDevice(device, bytes));
-    return std::unique_ptr<DevicePool>(new DevicePool(device, base, nullptr, "", block_bytes,
-                                                      slot_bytes, static_cast<uint32_t>(count)));
+    return std::unique_ptr<DevicePool>(new DevicePool(
+        device, base, nullptr, nullptr, "", block_bytes, slot_bytes, static_cast<uint32_t>(count)));
   }
 
   if (options.require_device) {
@@ -83,20 +83,29 @@ Result<std::unique_ptr<DevicePool>> DevicePool::Create(uint64_t block_bytes,
                                      " exceeds this machine's physical memory (" + Bytes(physical) +
                                      ")");
   }
-  KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<HostRegion> region,
-                          HostRegion::Allocate(bytes, HostMemoryKind::kPlain));
-  std::byte* base = region->data();
-  return std::unique_ptr<DevicePool>(new DevicePool(-1, base, std::move(region), std::move(reason),
-                                                    block_bytes, slot_bytes,
+  std::unique_ptr<HostRegion> region;
+  std::unique_ptr<SharedMemory> shared;
+  std::byte* base;
+  if (options.shareable) {
+    KVTIER_ASSIGN_OR_RETURN(shared,
+                            SharedMemory::Create(bytes, "kvtier-device-tier", /*populate=*/true));
+    base = shared->data();
+  } else {
+    KVTIER_ASSIGN_OR_RETURN(region, HostRegion::Allocate(bytes, HostMemoryKind::kPlain));
+    base = region->data();
+  }
+  return std::unique_ptr<DevicePool>(new DevicePool(-1, base, std::move(region), std::move(shared),
+                                                    std::move(reason), block_bytes, slot_bytes,
                                                     static_cast<uint32_t>(count)));
 }
 
 DevicePool::DevicePool(int device, std::byte* base, std::unique_ptr<HostRegion> region,
-                       std::string emulation_reason, uint64_t block_bytes, uint64_t slot_bytes,
-                       uint32_t count)
+                       std::unique_ptr<SharedMemory> shared, std::string emulation_reason,
+                       uint64_t block_bytes, uint64_t slot_bytes, uint32_t count)
     : device_(device),
       base_(base),
       region_(std::move(region)),
+      shared_(std::move(shared)),
       emulation_reason_(std::move(emulation_reason)),
       block_bytes_(block_bytes),
       slot_bytes_(slot_bytes),
@@ -104,7 +113,7 @@ DevicePool::DevicePool(int device, std::byte* base, std::unique_ptr<HostRegion> 
       table_(count, "device tier") {}
 
 DevicePool::~DevicePool() {
-  if (emulated()) return;  // region_ frees itself
+  if (emulated()) return;  // region_ or shared_ frees itself
   cuda::ScopedDevice scope(device_);
   (void)cuda::DeviceFree(base_);
 }

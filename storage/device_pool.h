@@ -49,6 +49,7 @@
 #include "kvtier/block_key.h"
 #include "kvtier/status.h"
 #include "storage/host_region.h"
+#include "storage/shared_memory.h"
 #include "storage/slot_table.h"
 
 namespace kvtier {
@@ -68,6 +69,10 @@ struct DeviceOptions {
   // Fail with NotSupported instead of emulating when there is no usable GPU.
   // Default: false.
   bool require_device = false;
+  // Emulated: allocate the pool in shared memory (a sealed memfd, memfd()) so that
+  // another process can map it and copy blocks in (a kvtierd client's GPU tier).
+  // Ignored on a GPU (CUDA IPC shares device memory). Default: false.
+  bool shareable = false;
 };
 
 class DevicePool;
@@ -134,6 +139,9 @@ class DevicePool {
   uint64_t capacity_bytes() const { return uint64_t{slot_count_} * slot_bytes_; }
   // The first slot's first byte: device memory (host memory when emulated).
   std::byte* base() const { return base_; }
+  // Emulated with DeviceOptions::shareable: the memfd holding the pool (base() is its
+  // first byte; it holds capacity_bytes() at least); else -1.
+  int memfd() const { return shared_ != nullptr ? shared_->fd() : -1; }
   // Slot `slot`'s first byte; dereference on the host only when emulated.
   std::byte* SlotData(SlotId slot) const { return base_ + slot * slot_bytes_; }
 
@@ -177,12 +185,13 @@ class DevicePool {
 
  private:
   DevicePool(int device, std::byte* base, std::unique_ptr<HostRegion> region,
-             std::string emulation_reason, uint64_t block_bytes, uint64_t slot_bytes,
-             uint32_t count);
+             std::unique_ptr<SharedMemory> shared, std::string emulation_reason,
+             uint64_t block_bytes, uint64_t slot_bytes, uint32_t count);
 
-  const int device_;                    // -1: emulated
-  std::byte* const base_;               // cudaMalloc'd, or region_->data()
-  std::unique_ptr<HostRegion> region_;  // the emulated device's memory
+  const int device_;                      // -1: emulated
+  std::byte* const base_;                 // cudaMalloc'd, or region_->data()
+  std::unique_ptr<HostRegion> region_;    // the emulated device's memory, or
+  std::unique_ptr<SharedMemory> shared_;  // ... when shareable
   const std::string emulation_reason_;
   const uint64_t block_bytes_;
   const uint64_t slot_bytes_;

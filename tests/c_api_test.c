@@ -155,6 +155,10 @@ static void TestNamesAndDefaults(void) {
   CHECK(o.retrieval.prefetch_extra == 4);
   CHECK(o.retrieval.device_blocks_per_layer == 0);
   CHECK(o.retrieval.force_emulated_device == 0);
+  CHECK(o.retrieval.coarse_clusters == 2);
+  CHECK(o.retrieval.shortlist_factor == 3);
+  CHECK(o.sidecar_request_timeout_ms == 30000);
+  CHECK(o.sidecar_direct_device == 1);
   kvtier_options_init(NULL); /* no crash */
   kvtier_layout_llama3_8b(NULL);
 }
@@ -744,6 +748,26 @@ static void TestRetrieval(void) {
   CHECK(st.selects == 5);
   CHECK(st.select_nanos > 0);
   kvtier_close(store);
+
+  /* coarse_clusters reaches the index: without the coarse rows (one pass), a block's
+   * summary takes less memory. */
+  {
+    uint64_t two_stage_bytes;
+    for (c = 0; c < 2; ++c) {
+      o.retrieval.coarse_clusters = c == 0 ? 2 : 0;
+      CHECK_OK(kvtier_open(&o, &l, &store));
+      FillRetrievalBlock(block, 0.0f);
+      CHECK_OK(kvtier_put(store, &(kvtier_block_key){0, 0, 1, 0, 0}, block, bytes));
+      CHECK_OK(kvtier_stats_get(store, &st));
+      CHECK(st.indexed_blocks == 1);
+      if (c == 0) {
+        two_stage_bytes = st.index_memory_bytes;
+      } else {
+        CHECK(st.index_memory_bytes < two_stage_bytes);
+      }
+      kvtier_close(store);
+    }
+  }
   free(block);
   free(noise_block);
 }

@@ -4,15 +4,19 @@
 // time, and never serves a stale copy after this client's overwrites, deletes and
 // DropSequence; a missing block leaves nothing pinned; a tier pinned full is
 // ResourceExhausted; prefetch brings the next layer in; PutFromPagedCache stores the
-// blocks the documented layout names, and refuses bad page tables.
+// blocks the documented layout names, and refuses bad page tables. The sidecar runs
+// twice: with misses copied in by the daemon (the direct path) and through the staging
+// area; the direct path survives a restart of the daemon.
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "kvtier/client.h"
 #include "tests/client_test_util.h"
 #include "tests/store_paged_test.h"
 #include "tests/test_util.h"
@@ -27,10 +31,20 @@ using testing::RandomBlock;
 using testing::Sidecar;
 using testing::SmallLayout;
 
-enum class Backend { kEmbedded, kSidecar };
+// kSidecar: misses copied in by the daemon (the direct path, the default);
+// kSidecarStaging: through the staging area (SidecarOptions::direct_device off).
+enum class Backend { kEmbedded, kSidecar, kSidecarStaging };
 
 std::string BackendName(const ::testing::TestParamInfo<Backend>& info) {
-  return info.param == Backend::kEmbedded ? "Embedded" : "Sidecar";
+  switch (info.param) {
+    case Backend::kEmbedded:
+      return "Embedded";
+    case Backend::kSidecar:
+      return "Sidecar";
+    case Backend::kSidecarStaging:
+      return "SidecarStaging";
+  }
+  return "?";
 }
 
 class ClientDeviceTest : public ::testing::TestWithParam<Backend> {
@@ -48,6 +62,7 @@ class ClientDeviceTest : public ::testing::TestWithParam<Backend> {
         if (!sidecar_->StartServer()) return nullptr;
       }
       o = sidecar_->ClientOptions(16);
+      o.sidecar.direct_device = GetParam() == Backend::kSidecar;
     }
     SetRetrieval(&o.retrieval);
     o.retrieval.prefetch = prefetch;
@@ -121,6 +136,16 @@ TEST_P(ClientDeviceTest, AcquireServesTheBytesThenHits) {
   EXPECT_EQ(s.acquires, 2u);
   EXPECT_EQ(s.device_hits, 4u);
   EXPECT_EQ(s.device_bytes_in, 4 * layout_.BytesPerBlock());
+  // The path the misses took: the daemon copied them in, or they came through the
+  // staging area (or the embedded store's host tier).
+  EXPECT_EQ(s.device_direct_blocks, GetParam() == Backend::kSidecar ? 4u : 0u);
+  if (GetParam() != Backend::kEmbedded) {
+    const std::optional<SidecarStatus> status = GetSidecarStatus(*store);
+    ASSERT_TRUE(status.has_value());
+    EXPECT_EQ(status->direct_device, GetParam() == Backend::kSidecar)
+        << status->direct_device_error;
+    EXPECT_EQ(status->direct_device_error, "");
+  }
   EXPECT_EQ(store->Release(b->lease).code(), StatusCode::kInvalidArgument);  // released already
 }
 
@@ -351,8 +376,39 @@ TEST_P(ClientDeviceTest, APutFromPagedCacheOverwriteLeavesTheGpuTier) {
   ASSERT_TRUE(store->Release(b->lease).ok());
 }
 
+// The daemon forgets the registration when it restarts; the client renews it on the new
+// connection, and misses are copied in directly again (the bytes right, not a stale
+// mapping of the old daemon's).
+TEST_P(ClientDeviceTest, TheDirectPathIsRenewedAfterTheDaemonRestarts) {
+  if (GetParam() != Backend::kSidecar) GTEST_SKIP() << "the direct path is the sidecar's";
+  auto store = Open(16);
+  ASSERT_NE(store, nullptr);
+  const auto blocks = PutBlocks(*store, 0, 8);
+  auto acquire_and_check = [&](std::vector<int64_t> want) {
+    std::vector<uint64_t> addrs(want.size());
+    auto a = store->Acquire(0, sequence_, 0, want, nullptr, addrs);
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_TRUE(Holds(addrs[i], blocks[want[i]])) << "block " << want[i];
+    }
+    ASSERT_TRUE(store->Release(a->lease).ok());
+  };
+  acquire_and_check({0, 1});
+  EXPECT_EQ(store->Stats().device_direct_blocks, 2u);
+
+  sidecar_->StopServer();
+  ASSERT_TRUE(Eventually([&] { return !GetSidecarStatus(*store)->connected; }));
+  ASSERT_TRUE(sidecar_->StartServer());
+  ASSERT_TRUE(Eventually([&] { return GetSidecarStatus(*store)->direct_device; }))
+      << GetSidecarStatus(*store)->direct_device_error;
+  acquire_and_check({2, 3, 4});
+  EXPECT_EQ(store->Stats().device_direct_blocks, 5u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, ClientDeviceTest,
-                         ::testing::Values(Backend::kEmbedded, Backend::kSidecar), BackendName);
+                         ::testing::Values(Backend::kEmbedded, Backend::kSidecar,
+                                           Backend::kSidecarStaging),
+                         BackendName);
 
 }  // namespace
 }  // namespace kvtier

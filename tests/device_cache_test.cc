@@ -5,6 +5,7 @@
 #include "src/core/device_cache.h"
 
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <chrono>
@@ -90,6 +91,27 @@ class FakeSource : public BlockSource {
     return Status::OK();
   }
 
+  // With `direct`, FillDevice copies the blocks into the (emulated) tier itself.
+  void set_direct(bool direct) { direct_ = direct; }
+  uint64_t fill_calls() const { return fill_calls_.load(); }
+
+  bool FillDevice(std::span<const BlockKey> keys, std::span<std::byte* const> destinations,
+                  std::span<Status> statuses) override {
+    if (!direct_) return false;
+    ++fill_calls_;
+    std::lock_guard lock(mu_);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      auto it = blocks_.find(keys[i]);
+      if (it == blocks_.end()) {
+        statuses[i] = Status::NotFound("no block " + keys[i].ToString());
+        continue;
+      }
+      std::memcpy(destinations[i], it->second.data->data(), kBlockBytes);
+      statuses[i] = Status::OK();
+    }
+    return true;
+  }
+
   void UnpinHost(std::span<const BlockKey> keys, std::span<const HostBlockRef> blocks) override {
     std::lock_guard lock(mu_);
     ASSERT_EQ(keys.size(), blocks.size());
@@ -121,6 +143,8 @@ class FakeSource : public BlockSource {
   std::map<uint64_t, std::shared_ptr<const std::vector<std::byte>>> pinned_;
   uint64_t next_handle_ = 0;
   std::atomic<uint64_t> pin_calls_{0};
+  std::atomic<bool> direct_{false};
+  std::atomic<uint64_t> fill_calls_{0};
   std::chrono::milliseconds disk_latency_{0};
   std::function<void(std::span<const BlockKey>)> hook_;
 };
@@ -437,6 +461,101 @@ TEST(DeviceCacheTest, NotFoundLeavesNothingPinned) {
   ExpectValid(*cache);
   // And the tier still works.
   EXPECT_EQ(Touch(*cache, 1, 0, {0, 1}).from_host, 1u);
+}
+
+// --- The source's direct path (FillDevice) ----------------------------------------------
+
+TEST(DeviceCacheTest, ADirectSourceFillsTheSlotsWithoutHostPins) {
+  FakeSource source;
+  source.AddRange(1, 0, 6);
+  source.set_direct(true);
+  auto cache = MakeCache(&source, 8);
+  Result<Acquired> a = Acquire(*cache, 1, 0, {4, 0, 2});
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_EQ(a->info.from_host, 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_TRUE(source.HoldsAt(Key(1, 0, std::vector<uint32_t>{4, 0, 2}[i]), a->addresses[i]));
+  }
+  ASSERT_TRUE(cache->Release(a->info.lease).ok());
+  EXPECT_EQ(source.pin_calls(), 0u);
+  EXPECT_EQ(source.fill_calls(), 1u);
+  EXPECT_EQ(Touch(*cache, 1, 0, {0, 2, 4}).hits, 3u);
+  const DeviceCacheStats s = cache->stats();
+  EXPECT_EQ(s.fetches_direct, 3u);
+  EXPECT_EQ(s.fetches_host, 3u);
+  EXPECT_EQ(s.bytes_in, 3 * kBlockBytes);
+  EXPECT_EQ(s.pinned_slots, 0u);
+  ExpectValid(*cache);
+}
+
+TEST(DeviceCacheTest, ADirectFillThatFailsLeavesNothingPinned) {
+  FakeSource source;
+  source.AddRange(1, 0, 3);
+  source.set_direct(true);
+  auto cache = MakeCache(&source, 4);
+  Result<Acquired> a = Acquire(*cache, 1, 0, {0, 7, 1});
+  EXPECT_TRUE(a.status().IsNotFound()) << a.status().ToString();
+  DeviceCacheStats s = cache->stats();
+  EXPECT_EQ(s.pinned_slots, 0u);
+  EXPECT_EQ(s.leases, 0u);
+  EXPECT_EQ(s.resident_blocks, 0u);
+  EXPECT_FALSE(cache->Resident(Key(1, 0, 0)));
+  ExpectValid(*cache);
+  // Every slot is usable again, and the good blocks arrive.
+  Result<Acquired> b = Acquire(*cache, 1, 0, {0, 1, 2});
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  for (uint32_t i = 0; i < 3; ++i) EXPECT_TRUE(source.HoldsAt(Key(1, 0, i), b->addresses[i]));
+  ASSERT_TRUE(cache->Release(b->info.lease).ok());
+  EXPECT_EQ(cache->stats().fetches_direct, 3u);
+  ExpectValid(*cache);
+}
+
+TEST(DeviceCacheTest, ADirectPrefetchDropsOnlyTheMissingBlocks) {
+  FakeSource source;
+  source.AddRange(1, 0, 3);
+  source.set_direct(true);
+  auto cache = MakeCache(&source, 8);
+  ASSERT_EQ(*cache->Prefetch(0, {0, 1}, 0, std::vector<int64_t>{0, 5, 1, 2}), 4u);
+  ASSERT_TRUE(cache->Drain().ok());
+  DeviceCacheStats s = cache->stats();
+  EXPECT_EQ(s.prefetches, 3u);
+  EXPECT_EQ(s.prefetch_dropped, 1u);
+  EXPECT_EQ(s.pinned_slots, 0u);
+  EXPECT_FALSE(cache->Resident(Key(1, 0, 5)));
+  Result<Acquired> a = Acquire(*cache, 1, 0, {2, 1, 0});
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->info.hits, 3u);
+  for (uint32_t i = 0; i < 3; ++i) {
+    EXPECT_TRUE(source.HoldsAt(Key(1, 0, 2 - i), a->addresses[i]));
+  }
+  ASSERT_TRUE(cache->Release(a->info.lease).ok());
+  EXPECT_EQ(cache->stats().fetches_direct, 3u);
+  EXPECT_EQ(source.pin_calls(), 0u);
+  ExpectValid(*cache);
+}
+
+// A shareable emulated tier lives in a memfd: what another mapping of it writes is what
+// the slots hold (the daemon's side of the direct path).
+TEST(DeviceCacheTest, AShareableEmulatedTierIsAMemfdOthersCanMap) {
+  FakeSource source;
+  DeviceCacheOptions o;
+  o.shareable = true;
+  auto cache = MakeCache(&source, 4, o);
+  const DevicePool& pool = cache->pool();
+  ASSERT_GE(pool.memfd(), 0);
+  void* other =
+      mmap(nullptr, pool.capacity_bytes(), PROT_READ | PROT_WRITE, MAP_SHARED, pool.memfd(), 0);
+  ASSERT_NE(other, MAP_FAILED);
+  std::mt19937_64 rng(5);
+  std::vector<uint64_t> words(kBlockBytes / 8);
+  for (uint64_t& w : words) w = rng() | 1;
+  std::memcpy(static_cast<std::byte*>(other) + 2 * pool.slot_bytes(), words.data(),
+              words.size() * 8);
+  EXPECT_EQ(std::memcmp(pool.SlotData(2), words.data(), words.size() * 8), 0);
+  munmap(other, pool.capacity_bytes());
+  // Not shareable: no memfd.
+  auto plain = MakeCache(&source, 4);
+  EXPECT_EQ(plain->pool().memfd(), -1);
 }
 
 // --- Prefetch ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ add_executable(kvtier_server_tests
   server_frame_reader_test.cc
   server_handshake_test.cc
   server_test.cc
+  server_device_test.cc
 )
 target_include_directories(kvtier_server_tests PRIVATE ${PROJECT_SOURCE_DIR} ${KVTIER_GENERATED_DIR})
 target_include_directories(kvtier_server_tests SYSTEM PRIVATE ${KVTIER_FLATBUFFERS_INCLUDE_DIR})

@@ -302,7 +302,8 @@ Connection::~Connection() {
   ::close(fd_);
 }
 
-Status Connection::Send(wire::Opcode opcode, uint64_t request_id, std::span<const uint8_t> body) {
+Status Connection::Send(wire::Opcode opcode, uint64_t request_id, std::span<const uint8_t> body,
+                        int fd) {
   std::array<uint8_t, wire::kHeaderBytes> header;
   wire::EncodeHeader(wire::FrameHeader{.opcode = static_cast<uint16_t>(opcode),
                                        .body_bytes = static_cast<uint32_t>(body.size()),
@@ -327,6 +328,16 @@ Status Connection::Send(wire::Opcode opcode, uint64_t request_id, std::span<cons
     msghdr msg{};
     msg.msg_iov = rest;
     msg.msg_iovlen = count;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    if (fd >= 0 && skip == 0) {
+      msg.msg_control = control;
+      msg.msg_controllen = sizeof(control);
+      cmsghdr* c = CMSG_FIRSTHDR(&msg);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int));
+      std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
     const ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;

@@ -1,6 +1,7 @@
 #include "src/client/sidecar_client.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -148,7 +149,7 @@ void SidecarClient::Install(std::shared_ptr<Connection> connection) {
 // --- Requests and replies -------------------------------------------------------------
 
 void SidecarClient::Send(wire::Opcode opcode, std::span<const uint8_t> body, ReplyHandler handler,
-                         uint64_t generation, bool caller_waits) {
+                         uint64_t generation, bool caller_waits, int fd) {
   std::shared_ptr<Connection> connection;
   uint64_t id = 0;
   uint64_t sent_generation = 0;
@@ -182,7 +183,7 @@ void SidecarClient::Send(wire::Opcode opcode, std::span<const uint8_t> body, Rep
     handler(refused, {});
     return;
   }
-  Status sent = connection->Send(opcode, id, body);
+  Status sent = connection->Send(opcode, id, body, fd);
   if (!sent.ok()) {
     // Fails every pending request, this one included.
     MutexLock lock(&mu_);
@@ -198,20 +199,143 @@ Status SidecarClient::NotConnectedLocked() const {
 
 Status SidecarClient::Call(wire::Opcode opcode, const flatbuffers::FlatBufferBuilder& fbb,
                            const std::function<Status(std::span<const uint8_t>)>& parse) {
+  return CallOn(opcode, std::span<const uint8_t>(fbb.GetBufferPointer(), fbb.GetSize()), parse,
+                /*generation=*/0, /*fd=*/-1);
+}
+
+Status SidecarClient::CallOn(wire::Opcode opcode, std::span<const uint8_t> body,
+                             const std::function<Status(std::span<const uint8_t>)>& parse,
+                             uint64_t generation, int fd) {
   bool done = false;
   Status result;
   Send(
-      opcode, std::span<const uint8_t>(fbb.GetBufferPointer(), fbb.GetSize()),
-      [&](Status status, std::span<const uint8_t> body) {
-        Status r = status.ok() ? parse(body) : std::move(status);
+      opcode, body,
+      [&](Status status, std::span<const uint8_t> reply) {
+        Status r = status.ok() ? parse(reply) : std::move(status);
         MutexLock lock(&mu_);
         result = std::move(r);
         done = true;
         cv_.notify_all();
       },
-      /*generation=*/0, /*caller_waits=*/true);
+      generation, /*caller_waits=*/true, fd);
   WaitUntil([&] { return done; });
   return result;
+}
+
+// --- The direct path to the client's GPU tier ----------------------------------------
+
+Status SidecarClient::RegisterDevice(const flatbuffers::FlatBufferBuilder& request, int fd) {
+  std::shared_ptr<const int> held;
+  if (fd >= 0) {
+    const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (copy < 0) return Status::FromErrno(errno, "dup of the GPU tier's memfd");
+    held = std::shared_ptr<const int>(new int(copy), [](const int* p) {
+      ::close(*p);
+      delete p;
+    });
+  }
+  uint64_t generation = 0;
+  {
+    MutexLock lock(&mu_);
+    device_request_.assign(request.GetBufferPointer(),
+                           request.GetBufferPointer() + request.GetSize());
+    device_fd_ = std::move(held);
+    device_generation_ = 0;
+    device_error_.clear();
+    // Connections installed from now on register in the background thread.
+    if (connection_ != nullptr) generation = generation_;
+  }
+  return generation == 0 ? Status::OK() : SendRegistration(generation, /*wait=*/true);
+}
+
+void SidecarClient::UnregisterDevice() {
+  MutexLock lock(&mu_);
+  device_request_.clear();
+  device_fd_.reset();
+  device_generation_ = 0;
+}
+
+uint64_t SidecarClient::device_generation() const {
+  MutexLock lock(&mu_);
+  return connection_ != nullptr && device_generation_ == generation_ ? device_generation_ : 0;
+}
+
+Status SidecarClient::SendRegistration(uint64_t generation, bool wait) {
+  std::vector<uint8_t> request;
+  std::shared_ptr<const int> fd;
+  {
+    MutexLock lock(&mu_);
+    if (device_request_.empty()) return Status::OK();
+    request = device_request_;
+    fd = device_fd_;  // kept open while it is sent
+  }
+  // The reply's outcome, recorded for device_generation() and status().
+  auto record = [this, generation](Status status, std::span<const uint8_t> body) {
+    if (status.ok()) {
+      status = wire::FromWire(flatbuffers::GetRoot<wire::StatusReply>(body.data())->outcome());
+    }
+    MutexLock lock(&mu_);
+    if (status.ok()) {
+      if (generation == generation_ && !device_request_.empty()) device_generation_ = generation;
+      device_error_.clear();
+    } else {
+      device_error_ = status.ToString();
+      Log().warn(
+          "kvtierd did not take this client's GPU tier ({}); its misses go through the "
+          "staging area",
+          device_error_);
+    }
+    return status;
+  };
+  const int raw_fd = fd != nullptr ? *fd : -1;
+  if (wait) {
+    // CallOn hands `parse` replies only; a failure to get one is recorded here.
+    Status s = CallOn(
+        wire::Opcode::kRegisterDevice, request,
+        [&](std::span<const uint8_t> body) { return record(Status::OK(), body); }, generation,
+        raw_fd);
+    if (!s.ok()) {
+      MutexLock lock(&mu_);
+      device_error_ = s.ToString();
+    }
+    return s;
+  }
+  Send(
+      wire::Opcode::kRegisterDevice, request,
+      [record, fd](Status status, std::span<const uint8_t> body) { (void)record(status, body); },
+      generation, /*caller_waits=*/false, raw_fd);
+  return Status::OK();
+}
+
+Status SidecarClient::GetToDevice(std::span<const BlockKey> keys, std::span<const uint64_t> offsets,
+                                  std::span<Status> statuses, uint64_t generation) {
+  const size_t n = keys.size();
+  flatbuffers::FlatBufferBuilder fbb(256 + n * (sizeof(wire::Key) + sizeof(uint64_t)));
+  std::vector<wire::Key> wire_keys(n);
+  for (size_t i = 0; i < n; ++i) wire_keys[i] = wire::ToWire(keys[i]);
+  auto key_vector = fbb.CreateVectorOfStructs(wire_keys);
+  auto offset_vector = fbb.CreateVector(offsets.data(), offsets.size());
+  fbb.Finish(wire::CreateGetToDeviceRequest(fbb, key_vector, offset_vector));
+  const Status whole = CallOn(
+      wire::Opcode::kGetToDevice, std::span<const uint8_t>(fbb.GetBufferPointer(), fbb.GetSize()),
+      [&](std::span<const uint8_t> body) -> Status {
+        const auto* reply = flatbuffers::GetRoot<wire::BatchReply>(body.data());
+        const auto* members = reply->members();
+        if (members != nullptr && members->size() != n) {
+          return Status::Internal("kvtierd answered " + std::to_string(members->size()) +
+                                  " outcomes to a GetToDevice of " + std::to_string(n));
+        }
+        const Status outcome = wire::FromWire(reply->outcome());
+        for (size_t i = 0; i < n; ++i) {
+          statuses[i] = members != nullptr ? wire::FromWire(members->Get(i)) : outcome;
+        }
+        return Status::OK();
+      },
+      generation, /*fd=*/-1);
+  if (!whole.ok()) {
+    for (Status& st : statuses) st = whole;
+  }
+  return FirstFailure(statuses);
 }
 
 void SidecarClient::Post(std::function<void()> fn) {
@@ -648,19 +772,25 @@ void SidecarClient::BackgroundLoop() {
     const auto deadline = Clock::now() + std::chrono::milliseconds(options_.connect_timeout_ms);
     Result<std::shared_ptr<Connection>> c =
         Connection::Open(options_, layout_, deadline, &closing_);
-    MutexLock lock(&mu_);
-    if (stopping_) break;
-    if (c.ok()) {
-      Install(std::move(*c));
-      ++reconnects_;
-      backoff = std::chrono::milliseconds(10);
-      Log().info("reconnected to kvtierd at {} (daemon {})", connection_->peer(), daemon_version_);
-      cv_.notify_all();
-      dispatch_cv_.notify_all();
-    } else {
-      last_error_ = c.status().ToString();
-      backoff = std::min(backoff * 2, max_backoff);
+    uint64_t registration = 0;  // the new connection's generation, to register the GPU tier
+    {
+      MutexLock lock(&mu_);
+      if (stopping_) break;
+      if (c.ok()) {
+        Install(std::move(*c));
+        ++reconnects_;
+        backoff = std::chrono::milliseconds(10);
+        Log().info("reconnected to kvtierd at {} (daemon {})", connection_->peer(),
+                   daemon_version_);
+        if (!device_request_.empty()) registration = generation_;
+        cv_.notify_all();
+        dispatch_cv_.notify_all();
+      } else {
+        last_error_ = c.status().ToString();
+        backoff = std::min(backoff * 2, max_backoff);
+      }
     }
+    if (registration != 0) (void)SendRegistration(registration, /*wait=*/false);
   }
   Break(Status::Cancelled("the store is closing"));
   MutexLock lock(&mu_);
@@ -707,6 +837,8 @@ SidecarStatus SidecarClient::status() const {
   s.shared_memory = shared_memory_;
   s.staging_blocks = shared_memory_ ? total_slots_ : 0;
   s.requests_in_flight = pending_.size();
+  s.direct_device = connection_ != nullptr && device_generation_ == generation_;
+  s.direct_device_error = device_error_;
   return s;
 }
 

@@ -117,6 +117,24 @@ class SidecarClient {
   // Runs `fn` on the dispatcher thread (the completions of asynchronous calls).
   void Post(std::function<void()> fn);
 
+  // The direct path to the client's GPU tier (PROTOCOL.md, "Direct copies"). Registers
+  // `request` (a finished RegisterDeviceRequest) with `fd` (the emulated pool's memfd,
+  // or -1; duplicated, kept until UnregisterDevice) on the current connection, and again
+  // on every connection made after a reconnection; returns this first registration's
+  // outcome (OK when disconnected now: it is sent once connected).
+  Status RegisterDevice(const flatbuffers::FlatBufferBuilder& request, int fd) KVTIER_EXCLUDES(mu_);
+  // Stops registering (the pool is going away). What the daemon mapped stays mapped
+  // until the connection closes.
+  void UnregisterDevice() KVTIER_EXCLUDES(mu_);
+  // The connection generation on which the registration is in effect; 0 when none (not
+  // registered, refused, or not yet re-registered after a reconnection).
+  uint64_t device_generation() const KVTIER_EXCLUDES(mu_);
+  // GetToDevice on connection `generation` (device_generation()): copies keys[i]'s block
+  // to byte offsets[i] of the registered pool; statuses[i] gets each member's outcome (a
+  // failure of the whole request lands in every member). Returns FirstFailure.
+  Status GetToDevice(std::span<const BlockKey> keys, std::span<const uint64_t> offsets,
+                     std::span<Status> statuses, uint64_t generation) KVTIER_EXCLUDES(mu_);
+
   SidecarStatus status() const;
 
  private:
@@ -137,7 +155,14 @@ class SidecarClient {
   // it the request. `caller_waits`: the caller calls WaitUntil next (counted in waiters_
   // from now on, so that the background thread is not woken to read the reply).
   void Send(wire::Opcode opcode, std::span<const uint8_t> body, ReplyHandler handler,
-            uint64_t generation = 0, bool caller_waits = false) KVTIER_EXCLUDES(mu_);
+            uint64_t generation = 0, bool caller_waits = false, int fd = -1) KVTIER_EXCLUDES(mu_);
+  // Call on connection `generation` (0: the current one), with `fd` attached.
+  Status CallOn(wire::Opcode opcode, std::span<const uint8_t> body,
+                const std::function<Status(std::span<const uint8_t>)>& parse, uint64_t generation,
+                int fd) KVTIER_EXCLUDES(mu_);
+  // Sends the device registration on connection `generation`; its reply records the
+  // outcome. `wait`: returns it (else OK at once).
+  Status SendRegistration(uint64_t generation, bool wait) KVTIER_EXCLUDES(mu_);
   Status NotConnectedLocked() const KVTIER_REQUIRES(mu_);
   // Installs a handshaken connection (the first, or after a reconnection).
   void Install(std::shared_ptr<Connection> connection) KVTIER_REQUIRES(mu_);
@@ -219,6 +244,12 @@ class SidecarClient {
   std::string last_error_ KVTIER_GUARDED_BY(mu_);
   std::string daemon_version_ KVTIER_GUARDED_BY(mu_);
   bool shared_memory_ KVTIER_GUARDED_BY(mu_) = false;
+  // The device registration (empty: none), its descriptor (owned; -1: none), the
+  // generation it is in effect on, and why it was last refused.
+  std::vector<uint8_t> device_request_ KVTIER_GUARDED_BY(mu_);
+  std::shared_ptr<const int> device_fd_ KVTIER_GUARDED_BY(mu_);  // closed with the last holder
+  uint64_t device_generation_ KVTIER_GUARDED_BY(mu_) = 0;
+  std::string device_error_ KVTIER_GUARDED_BY(mu_);
 
   std::thread background_;
   std::thread dispatcher_;

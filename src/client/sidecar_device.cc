@@ -1,11 +1,14 @@
 #include "src/client/sidecar_device.h"
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #include "kernels/cuda_runtime.h"
 #include "kernels/paged_copy.h"
+#include "src/server/protocol/kvtier_generated.h"
+#include "src/util/log.h"
 
 namespace kvtier::client {
 
@@ -60,7 +63,25 @@ void BlockBuffers::Give(std::span<std::byte* const> buffers) {
 
 class SidecarDevice::Source final : public BlockSource {
  public:
-  Source(Store* store, BlockBuffers* buffers) : store_(store), buffers_(buffers) {}
+  Source(Store* store, SidecarClient* client, BlockBuffers* buffers)
+      : store_(store), client_(client), buffers_(buffers) {}
+
+  // The direct path: from now on, FillDevice asks the daemon to copy into the pool that
+  // starts at `base` whenever the registration is in effect.
+  void EnableDirect(const std::byte* base) { base_ = base; }
+
+  bool FillDevice(std::span<const BlockKey> keys, std::span<std::byte* const> destinations,
+                  std::span<Status> statuses) override {
+    if (base_ == nullptr) return false;
+    const uint64_t generation = client_->device_generation();
+    if (generation == 0) return false;
+    std::vector<uint64_t> offsets(keys.size());
+    for (size_t i = 0; i < keys.size(); ++i) {
+      offsets[i] = static_cast<uint64_t>(destinations[i] - base_);
+    }
+    (void)client_->GetToDevice(keys, offsets, statuses, generation);
+    return true;
+  }
 
   Status PinHost(std::span<const BlockKey> keys, std::span<HostBlockRef> blocks) override {
     std::vector<std::byte*> taken;
@@ -90,33 +111,71 @@ class SidecarDevice::Source final : public BlockSource {
 
  private:
   Store* const store_;
+  SidecarClient* const client_;
   BlockBuffers* const buffers_;
+  const std::byte* base_ = nullptr;  // set before the first Acquire, then read only
 };
 
 // --- SidecarDevice -----------------------------------------------------------------------
 
-SidecarDevice::SidecarDevice(Store* store, const StoreOptions& options, const ModelLayout& layout)
+SidecarDevice::SidecarDevice(Store* store, SidecarClient* client, const StoreOptions& options,
+                             const ModelLayout& layout)
     : store_(store),
+      client_(client),
       options_(options),
       layout_(layout),
       buffers_(layout.BytesPerBlock(), cuda::HasDevice()) {}
 
-Result<std::unique_ptr<SidecarDevice>> SidecarDevice::Create(Store* store,
+Result<std::unique_ptr<SidecarDevice>> SidecarDevice::Create(Store* store, SidecarClient* client,
                                                              const StoreOptions& options,
                                                              const ModelLayout& layout) {
-  std::unique_ptr<SidecarDevice> d(new SidecarDevice(store, options, layout));
+  std::unique_ptr<SidecarDevice> d(new SidecarDevice(store, client, options, layout));
   const RetrievalOptions& r = options.retrieval;
   if (r.enabled && r.device_capacity_bytes > 0) {
-    d->source_ = std::make_unique<Source>(store, &d->buffers_);
+    d->source_ = std::make_unique<Source>(store, client, &d->buffers_);
+    DeviceCacheOptions cache_options = DeviceCacheOptionsFor(r);
+    const bool direct = options.sidecar.direct_device && !options.sidecar.socket.empty();
+    cache_options.shareable = direct;  // an emulated tier the daemon can map
     KVTIER_ASSIGN_OR_RETURN(d->cache_,
                             DeviceCache::Create(layout.BytesPerBlock(), r.device_capacity_bytes,
-                                                DeviceCacheOptionsFor(r), d->source_.get()));
+                                                cache_options, d->source_.get()));
     d->planner_ = std::make_unique<PrefetchPlanner>(layout.num_layers);
+    if (direct) d->Register();
   }
   return d;
 }
 
+void SidecarDevice::Register() {
+  const DevicePool& pool = cache_->pool();
+  flatbuffers::FlatBufferBuilder fbb(256);
+  int fd = -1;
+  if (pool.emulated()) {
+    fd = pool.memfd();
+    fbb.Finish(wire::CreateRegisterDeviceRequest(fbb, /*kind=*/0, pool.capacity_bytes()));
+  } else {
+    Result<std::array<uint8_t, 16>> uuid = cuda::DeviceUuid(pool.device());
+    Result<std::array<uint8_t, 64>> handle =
+        uuid.ok() ? cuda::IpcGetMemHandle(pool.base()) : uuid.status();
+    if (!handle.ok()) {
+      Log().warn(
+          "the GPU tier cannot be shared with kvtierd ({}); its misses go through the "
+          "staging area",
+          handle.status().ToString());
+      return;
+    }
+    auto uuid_vector = fbb.CreateVector(uuid->data(), uuid->size());
+    auto handle_vector = fbb.CreateVector(handle->data(), handle->size());
+    fbb.Finish(wire::CreateRegisterDeviceRequest(fbb, /*kind=*/1, pool.capacity_bytes(),
+                                                 uuid_vector, handle_vector));
+  }
+  source_->EnableDirect(pool.base());
+  registered_ = true;
+  // A refusal is logged and kept for SidecarStatus; misses then take the staging path.
+  (void)client_->RegisterDevice(fbb, fd);
+}
+
 SidecarDevice::~SidecarDevice() {
+  if (registered_) client_->UnregisterDevice();
   cache_.reset();  // its prefetch thread Gets through the store
 }
 

@@ -10,9 +10,15 @@
 //   - Store::PutFromPagedCache: the gather kernel (the CPU reference without a GPU)
 //     copies the blocks out of the engine's paged cache into block buffers, which are
 //     then Put through the daemon.
-// Block bytes still never cross the socket: the daemon moves them through the staging
-// area (PROTOCOL.md). Direct copies between the daemon's host tier and the engine's GPU
-// (CUDA IPC) would save the staging copy; they are not built.
+// Misses, the direct path (SidecarOptions::direct_device, Unix socket): the tier's memory
+// is registered with the daemon (RegisterDevice: its CUDA IPC handle with a GPU; the
+// emulated tier lives in a sealed memfd, sent with the registration), and a miss is one
+// GetToDevice: the daemon copies the block from its host tier straight into the slot
+// (one copy, where the staging path below makes three: host tier to staging slot,
+// staging slot to block buffer, block buffer to the tier). The registration is renewed
+// after a reconnection; while it is not in effect (refused: a daemon without a GPU for
+// a CUDA pool, an older daemon; not yet renewed), misses take the staging path.
+// Block bytes never cross the socket either way (PROTOCOL.md).
 //
 // Coherence: the blocks this client Puts, Deletes or drops (DropSequence) leave its GPU
 // tier when the call returns, as in an embedded store. A block that another client
@@ -35,6 +41,7 @@
 #include "kvtier/options.h"
 #include "kvtier/paged_cache.h"
 #include "kvtier/store.h"
+#include "src/client/sidecar_client.h"
 #include "src/core/device_cache.h"
 #include "src/core/paged_put.h"
 #include "src/util/mutex.h"
@@ -69,11 +76,15 @@ class BlockBuffers {
 class SidecarDevice {
  public:
   // `store` (the SidecarStore that owns this object, which outlives it) serves the
-  // misses: GetBatch and PutBatch through the daemon. The GPU tier exists when
-  // options.retrieval.enabled and device_capacity_bytes > 0; DeviceCache::Create's errors.
-  static Result<std::unique_ptr<SidecarDevice>> Create(Store* store, const StoreOptions& options,
+  // misses: GetBatch and PutBatch through the daemon, or GetToDevice through `client`
+  // (its client, which outlives this object too). The GPU tier exists when
+  // options.retrieval.enabled and device_capacity_bytes > 0; DeviceCache::Create's
+  // errors. A registration the daemon refuses is not an error (see the file comment).
+  static Result<std::unique_ptr<SidecarDevice>> Create(Store* store, SidecarClient* client,
+                                                       const StoreOptions& options,
                                                        const ModelLayout& layout);
-  // Waits for the GPU tier's copies and prefetches (leases must have been released).
+  // Unregisters the tier, then waits for its copies and prefetches (leases must have
+  // been released).
   ~SidecarDevice();
   SidecarDevice(const SidecarDevice&) = delete;
   SidecarDevice& operator=(const SidecarDevice&) = delete;
@@ -104,9 +115,14 @@ class SidecarDevice {
 
  private:
   class Source;
-  SidecarDevice(Store* store, const StoreOptions& options, const ModelLayout& layout);
+  SidecarDevice(Store* store, SidecarClient* client, const StoreOptions& options,
+                const ModelLayout& layout);
+  // Registers the tier's memory with the daemon (the direct path).
+  void Register();
 
   Store* const store_;
+  SidecarClient* const client_;
+  bool registered_ = false;  // RegisterDevice was called (UnregisterDevice at the end)
   const StoreOptions options_;
   const ModelLayout layout_;
   BlockBuffers buffers_;

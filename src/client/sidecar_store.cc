@@ -16,7 +16,8 @@ Result<std::unique_ptr<SidecarStore>> SidecarStore::Open(const StoreOptions& opt
   KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<SidecarClient> client,
                           SidecarClient::Connect(options.sidecar, layout));
   std::unique_ptr<SidecarStore> store(new SidecarStore(options, layout, std::move(client)));
-  KVTIER_ASSIGN_OR_RETURN(store->device_, SidecarDevice::Create(store.get(), options, layout));
+  KVTIER_ASSIGN_OR_RETURN(
+      store->device_, SidecarDevice::Create(store.get(), store->client_.get(), options, layout));
   return store;
 }
 

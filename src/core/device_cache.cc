@@ -165,9 +165,12 @@ struct DeviceCache::Load {
   std::vector<BlockKey> keys;
   std::vector<SlotId> slots;
   std::vector<uint64_t> generations;  // prefetch: the allocation each slot was queued in
-  std::vector<HostBlockRef> host;
+  std::vector<HostBlockRef> host;     // empty when `direct`
+  bool direct = false;                // the source copied the blocks in (FillDevice)
   std::vector<CopyOp> ops;
-  std::vector<SlotId> failed;  // prefetch: slots whose block the source could not pin
+  std::vector<std::byte*> destinations;  // FillDevice's
+  std::vector<Status> statuses;          // FillDevice's
+  std::vector<SlotId> failed;            // prefetch: slots whose block the source could not pin
   CopyEvent event;
 };
 
@@ -210,11 +213,11 @@ Result<std::unique_ptr<DeviceCache>> DeviceCache::Create(uint64_t block_bytes,
   if (!(options.default_score >= 0.0f) || !std::isfinite(options.default_score)) {
     return Status::InvalidArgument("device cache: default_score must be finite and >= 0");
   }
-  KVTIER_ASSIGN_OR_RETURN(
-      std::unique_ptr<DevicePool> pool,
-      DevicePool::Create(
-          block_bytes, capacity_bytes,
-          DeviceOptions{.device = options.device, .force_emulated = options.force_emulated}));
+  KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<DevicePool> pool,
+                          DevicePool::Create(block_bytes, capacity_bytes,
+                                             DeviceOptions{.device = options.device,
+                                                           .force_emulated = options.force_emulated,
+                                                           .shareable = options.shareable}));
   KVTIER_ASSIGN_OR_RETURN(std::unique_ptr<CopyEngine> engine, CopyEngine::Create(*pool));
   auto cache = std::unique_ptr<DeviceCache>(
       new DeviceCache(options, source, std::move(pool), std::move(engine)));
@@ -520,6 +523,35 @@ void DeviceCache::RecycleLoadLocked(Load* load) { spare_loads_.push_back(load); 
 // Without the lock: pins the load's blocks in host memory and submits their copy. With
 // `partial`, blocks the source cannot pin move to `failed` and the rest go on.
 Status DeviceCache::Fetch(Load& load, bool partial) {
+  load.destinations.clear();
+  for (SlotId slot : load.slots) load.destinations.push_back(pool_->SlotData(slot));
+  load.statuses.assign(load.keys.size(), Status::OK());
+  load.host.clear();
+  load.direct = source_->FillDevice(load.keys, load.destinations, load.statuses);
+  if (load.direct) {
+    // Landed already: nothing to copy, no host pin to return, and load.event (fresh, or
+    // a recycled load's, which has run) reads as complete.
+    if (!partial) {
+      for (const Status& s : load.statuses) {
+        if (!s.ok()) return s;
+      }
+    }
+    size_t kept = 0;
+    for (size_t i = 0; i < load.keys.size(); ++i) {
+      if (!load.statuses[i].ok()) {
+        load.failed.push_back(load.slots[i]);
+        continue;
+      }
+      load.keys[kept] = load.keys[i];
+      load.slots[kept] = load.slots[i];
+      load.generations[kept] = load.generations[i];
+      ++kept;
+    }
+    load.keys.resize(kept);
+    load.slots.resize(kept);
+    load.generations.resize(kept);
+    return Status::OK();
+  }
   load.host.assign(load.keys.size(), HostBlockRef{});
   Status status = source_->PinHost(load.keys, load.host);
   if (!status.ok()) {
@@ -576,6 +608,7 @@ void DeviceCache::PublishLocked(Load& load) {
   }
   const uint64_t n = load.slots.size();
   stats_.bytes_in += n * pool_->block_bytes();
+  if (load.direct) stats_.fetches_direct += n;
   if (load.prefetch) stats_.prefetches += n;
   Result<bool> done = load.event.Query();
   if (done.ok() && !*done) {
@@ -649,7 +682,7 @@ void DeviceCache::Reap() {
     ++unpinning_;  // Drain waits for the host pins this call returns
   }
   for (;;) {
-    if (!load->keys.empty()) source_->UnpinHost(load->keys, load->host);
+    if (!load->host.empty()) source_->UnpinHost(load->keys, load->host);
     MutexLock lock(&mu_);
     RecycleLoadLocked(load);
     if (completed_.empty()) {
@@ -975,7 +1008,7 @@ Status DeviceCache::AcquireRound(Lease& lease, const Request& r, AcquireInfo* in
       status = load->event.MakeStreamWait(r.stream);
       if (!status.ok()) {
         (void)load->event.Wait();
-        source_->UnpinHost(load->keys, load->host);
+        if (!load->host.empty()) source_->UnpinHost(load->keys, load->host);
       }
     }
     info->stall_nanos += NanosSince(start);
@@ -986,6 +1019,7 @@ Status DeviceCache::AcquireRound(Lease& lease, const Request& r, AcquireInfo* in
       return status;
     }
     for (const HostBlockRef& h : load->host) ++(h.from_disk ? info->from_disk : info->from_host);
+    if (load->direct) info->from_host += load->keys.size();
     PublishLocked(*load);
   }
 
@@ -1210,6 +1244,7 @@ void AddDeviceCacheStats(const DeviceCacheStats& c, StoreStats* s) {
   s->device_hits = c.hits;
   s->device_fetches_host = c.fetches_host;
   s->device_fetches_disk = c.fetches_disk;
+  s->device_direct_blocks = c.fetches_direct;
   s->device_bytes_in = c.bytes_in;
   s->device_evictions = c.evictions;
   s->prefetches = c.prefetches;

@@ -108,6 +108,20 @@ class BlockSource {
   // returned: the handles name the exact copies pinned even when a key has been
   // rewritten or deleted since). Called once the copies reading them have run.
   virtual void UnpinHost(std::span<const BlockKey> keys, std::span<const HostBlockRef> blocks) = 0;
+
+  // Optional, a direct path: copies keys[i]'s block straight into the cache's pool at
+  // `destinations[i]` (a slot's first byte: device memory, or the emulated pool's host
+  // memory) and sets statuses[i] (same size spans), returning once every copy has
+  // landed. False: the source has no such path now; nothing was done, and the cache pins
+  // the blocks and copies them itself. The default has none. (A kvtierd client's source:
+  // the daemon copies from its host tier into the client's registered pool.)
+  virtual bool FillDevice(std::span<const BlockKey> keys, std::span<std::byte* const> destinations,
+                          std::span<Status> statuses) {
+    (void)keys;
+    (void)destinations;
+    (void)statuses;
+    return false;
+  }
 };
 
 struct DeviceCacheOptions {
@@ -127,6 +141,9 @@ struct DeviceCacheOptions {
   uint32_t per_layer_capacity_blocks = 0;
   // The CUDA device (DeviceOptions::device). Default: the current device.
   int device = DeviceOptions::kAutoDevice;
+  // Emulated: keep the pool in shared memory (DeviceOptions::shareable), for a source
+  // whose FillDevice has another process copy into it. Default: false.
+  bool shareable = false;
 };
 
 struct DeviceCacheStats {
@@ -142,6 +159,7 @@ struct DeviceCacheStats {
   uint64_t hits = 0;             // ... resident, or arriving (another call, prefetch)
   uint64_t fetches_host = 0;     // ... copied from host memory on demand
   uint64_t fetches_disk = 0;     // ... read from disk, then copied, on demand
+  uint64_t fetches_direct = 0;   // ... copied in by the source itself (FillDevice)
   uint64_t bytes_in = 0;         // bytes copied into the tier (all causes)
   uint64_t evictions = 0;
   uint64_t prefetches = 0;        // blocks whose prefetch copy was submitted

@@ -10,6 +10,8 @@
 
 namespace kvtier {
 
+class BlockSource;  // src/core/device_cache.h
+
 // What one namespace holds (for quotas and the sidecar's metrics). The block counts are
 // exact at any moment (a Put counts once committed); the quota counters count since Open
 // and stay zero for a namespace without an entry in StoreOptions::quotas.
@@ -75,6 +77,12 @@ class EmbeddedStore final : public Store {
   // What `namespace_id` holds now (zeros for an unknown namespace). Takes the store's
   // lock for one hash lookup; safe from any thread.
   NamespaceUsage Usage(uint32_t namespace_id) const;
+
+  // The store's blocks as a BlockSource (src/core/device_cache.h): PinHost makes blocks
+  // readable in host-tier slots (promoting them from disk) until UnpinHost. What the GPU
+  // tier pulls through, and what kvtierd copies from into a client's GPU tier. Lives as
+  // long as the store; thread-safe (it takes the store's lock).
+  BlockSource& host_block_source();
 
   struct Impl;
 

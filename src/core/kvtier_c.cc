@@ -127,7 +127,9 @@ void kvtier_options_init(kvtier_options* options) {
                                                 r.prefetch ? 1 : 0,
                                                 r.prefetch_extra,
                                                 r.device_blocks_per_layer,
-                                                r.force_emulated_device ? 1 : 0};
+                                                r.force_emulated_device ? 1 : 0,
+                                                r.coarse_clusters,
+                                                r.shortlist_factor};
   options->sidecar_socket = nullptr;
   options->sidecar_tcp_address = nullptr;
   options->sidecar_token = nullptr;
@@ -136,6 +138,7 @@ void kvtier_options_init(kvtier_options* options) {
   options->sidecar_max_backoff_ms = d.sidecar.max_backoff_ms;
   options->sidecar_staging_blocks = d.sidecar.staging_blocks;
   options->sidecar_request_timeout_ms = d.sidecar.request_timeout_ms;
+  options->sidecar_direct_device = d.sidecar.direct_device ? 1 : 0;
 }
 
 void kvtier_layout_llama3_8b(kvtier_layout* layout) {
@@ -191,6 +194,8 @@ kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layo
     o.retrieval.prefetch_extra = r.prefetch_extra;
     o.retrieval.device_blocks_per_layer = r.device_blocks_per_layer;
     o.retrieval.force_emulated_device = r.force_emulated_device != 0;
+    o.retrieval.coarse_clusters = r.coarse_clusters;
+    o.retrieval.shortlist_factor = r.shortlist_factor;
     if (options->sidecar_socket != nullptr) o.sidecar.socket = options->sidecar_socket;
     if (options->sidecar_tcp_address != nullptr) {
       o.sidecar.tcp_address = options->sidecar_tcp_address;
@@ -207,6 +212,7 @@ kvtier_code kvtier_open(const kvtier_options* options, const kvtier_layout* layo
       o.sidecar.staging_blocks = options->sidecar_staging_blocks;
     }
     o.sidecar.request_timeout_ms = options->sidecar_request_timeout_ms;
+    o.sidecar.direct_device = options->sidecar_direct_device != 0;
     KVTIER_ASSIGN_OR_RETURN(auto s, kvtier::Store::Open(o, ToLayout(*layout)));
     *store = new kvtier_store{std::move(s)};
     return kvtier::Status::OK();
@@ -308,7 +314,8 @@ kvtier_code kvtier_stats_get(const kvtier_store* store, kvtier_stats* stats) {
                         s.device_evictions,
                         s.prefetches,
                         s.prefetch_hits,
-                        s.acquire_stall_nanos};
+                        s.acquire_stall_nanos,
+                        s.device_direct_blocks};
   return KVTIER_OK;
 }
 

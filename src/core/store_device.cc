@@ -60,9 +60,10 @@ void EmbeddedStore::Impl::StoreBlockSource::UnpinHost(std::span<const BlockKey>,
 }
 
 Status EmbeddedStore::Impl::OpenDevice() {
+  // Made whatever the GPU tier: host_block_source() serves kvtierd's direct copies too.
+  block_source = std::make_unique<StoreBlockSource>(this);
   const RetrievalOptions& r = options.retrieval;
   if (!r.enabled || r.device_capacity_bytes == 0) return Status::OK();
-  block_source = std::make_unique<StoreBlockSource>(this);
   KVTIER_ASSIGN_OR_RETURN(
       device, DeviceCache::Create(block_bytes, r.device_capacity_bytes, DeviceCacheOptionsFor(r),
                                   block_source.get()));
@@ -114,6 +115,8 @@ Result<SelectInfo> EmbeddedStore::SelectWithRunnersUp(
   return impl_->retrieval->Select(namespace_id, sequence, layer, queries, context_tokens, selected,
                                   scores, runners_up);
 }
+
+BlockSource& EmbeddedStore::host_block_source() { return *impl_->block_source; }
 
 Status EmbeddedStore::Release(uint64_t lease) {
   if (impl_->device == nullptr) {

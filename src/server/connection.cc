@@ -20,6 +20,12 @@ namespace {
 
 constexpr auto kDrainTimeout = std::chrono::seconds(2);
 constexpr int kMaxIov = 64;
+// Unix socket: descriptors one recvmsg takes (more are a truncation), and that may wait
+// for their frame (more close the connection: a client sends one, with RegisterDevice).
+constexpr size_t kMaxFdsPerRead = 8;
+constexpr size_t kMaxPendingFds = 4;
+// Reads one connection makes in a row before letting the shard's others run.
+constexpr int kMaxReadsPerTurn = 16;
 uint64_t Nanos(std::chrono::steady_clock::duration d) {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
 }
@@ -43,6 +49,8 @@ Connection::Connection(ServerContext& server, IoShard& shard, Socket socket,
 Connection::~Connection() {
   if (staging_ != nullptr) server_.counters.staging_bytes_mapped -= staging_->size_bytes();
   staging_.reset();
+  if (device_ != nullptr) server_.counters.device_pools_registered--;
+  device_.reset();  // requests in flight hold their own reference
   free_requests_.clear();
   server_.ConnectionDestroyed();
 }
@@ -85,6 +93,7 @@ void Connection::ReadMore() {
   if (reading_ || closed_ || draining_ || in_flight_ >= server_.options.max_in_flight) return;
   const std::span<uint8_t> space = reader_.WritableSpan();
   if (space.empty()) return;  // a complete frame waits (ProcessFrames takes it)
+  if (peer_.unix_socket) return ReceiveMore();
   reading_ = true;
   socket_.async_read_some(asio::buffer(space.data(), space.size()),
                           [self = shared_from_this()](const boost::system::error_code& ec,
@@ -105,6 +114,98 @@ void Connection::OnRead(const boost::system::error_code& ec, size_t bytes) {
   reader_.Commit(bytes);
   ProcessFrames();
   ReadMore();
+}
+
+void Connection::ReceiveMore() {
+  // Like async_read_some (a speculative read, then a wait for readability when there is
+  // nothing), but with recvmsg, so that SCM_RIGHTS descriptors are received; no more
+  // system calls than Asio makes, and frames are handled here rather than posted.
+  const std::shared_ptr<Connection> self = shared_from_this();  // ProcessFrames may Close
+  for (int reads = 0;; ++reads) {
+    if (closed_ || draining_ || in_flight_ >= server_.options.max_in_flight) return;
+    const std::span<uint8_t> space = reader_.WritableSpan();
+    if (space.empty()) return;
+    if (reads == kMaxReadsPerTurn) {
+      reading_ = true;
+      asio::post(shard_.ctx, [self] {
+        self->reading_ = false;
+        self->ReadMore();
+      });
+      return;
+    }
+    iovec iov{space.data(), space.size()};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerRead)];
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    const ssize_t n = ::recvmsg(socket_.native_handle(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      reading_ = true;
+      socket_.async_wait(Socket::wait_read, [self](const boost::system::error_code& ec) {
+        self->reading_ = false;
+        if (self->closed_) return;
+        if (ec) return self->OnRead(ec, 0);
+        self->ReadMore();
+      });
+      return;
+    }
+    const bool fds_ok = n < 0 || KeepReceivedFds(msg, static_cast<size_t>(n));
+    if (n <= 0) {
+      return OnRead(n == 0 ? asio::error::eof
+                           : boost::system::error_code(errno, boost::system::system_category()),
+                    0);
+    }
+    reader_.Commit(static_cast<size_t>(n));
+    bytes_received_ += static_cast<uint64_t>(n);
+    if (!fds_ok) {
+      server_.counters.frames_rejected++;
+      const Status s = Status::InvalidArgument(
+          "more than " + std::to_string(kMaxPendingFds) +
+          " file descriptors received without a RegisterDevice to take them");
+      Log().warn("kvtierd: connection {} ({}): {}; closing", id_, peer_name_, s.ToString());
+      received_fds_.clear();
+      SendError(0, 0xFFFF, s, Clock::now());
+      StartDraining();
+      return;
+    }
+    ProcessFrames();
+  }
+}
+
+bool Connection::KeepReceivedFds(const msghdr& msg, size_t bytes) {
+  bool ok = (msg.msg_flags & MSG_CTRUNC) == 0;
+  for (const cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr;
+       c = CMSG_NXTHDR(const_cast<msghdr*>(&msg), const_cast<cmsghdr*>(c))) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t fds = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < fds; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      received_fds_.push_back(ReceivedFd{UniqueFd(fd), bytes_received_, bytes_received_ + bytes});
+    }
+  }
+  return ok && received_fds_.size() <= kMaxPendingFds;
+}
+
+UniqueFd Connection::TakeFrameFd(uint16_t opcode, uint64_t begin, uint64_t end) {
+  // The kernel ends a read with the bytes a descriptor came with, so the frame that
+  // carries one is among those that end at or after its bytes. Once a frame that holds
+  // the last of them has been handled, no later frame can be the descriptor's: closed.
+  UniqueFd taken;
+  if (opcode == static_cast<uint16_t>(wire::Opcode::kRegisterDevice)) {
+    while (!received_fds_.empty() && received_fds_.front().end <= begin) {
+      received_fds_.pop_front();
+    }
+    if (!received_fds_.empty() && received_fds_.front().begin <= begin) {
+      taken = std::move(received_fds_.front().fd);
+      received_fds_.pop_front();
+    }
+  }
+  while (!received_fds_.empty() && received_fds_.front().end <= end) received_fds_.pop_front();
+  return taken;
 }
 
 void Connection::ProcessFrames() {
@@ -129,6 +230,10 @@ void Connection::HandleFrame(const wire::FrameHeader& header, std::span<const ui
   const Clock::time_point t0 = Clock::now();
   server_.counters.requests++;
   const uint16_t opcode = header.opcode;
+  const uint64_t frame_begin = frame_offset_;
+  frame_offset_ += wire::kHeaderBytes + body.size();
+  UniqueFd fd;
+  if (!received_fds_.empty()) fd = TakeFrameFd(opcode, frame_begin, frame_offset_);
   if (ns_ == nullptr && opcode != static_cast<uint16_t>(wire::Opcode::kHello)) {
     server_.counters.handshakes_refused++;
     Log().warn("kvtierd: connection {} ({}): {} before Hello; closing", id_, peer_name_,
@@ -173,6 +278,10 @@ void Connection::HandleFrame(const wire::FrameHeader& header, std::span<const ui
       return HandleIndexBlock(std::move(req), body);
     case wire::Opcode::kSelect:
       return HandleSelect(std::move(req), body);
+    case wire::Opcode::kRegisterDevice:
+      return HandleRegisterDevice(std::move(req), body, std::move(fd));
+    case wire::Opcode::kGetToDevice:
+      return HandleGetToDevice(std::move(req), body);
     case wire::Opcode::kError:
       break;  // VerifyRequestBody refused it
   }
@@ -198,6 +307,11 @@ void Connection::Complete(Request* raw) {
   const std::shared_ptr<Connection> self = std::move(req->owner);  // released on return
   --in_flight_;
   if (req->slots_named > 0) server_.counters.staging_slots_in_use -= req->slots_named;
+  if (req->opcode == static_cast<uint16_t>(wire::Opcode::kGetToDevice)) {
+    uint64_t landed = 0;
+    for (const Status& s : req->store_statuses) landed += s.ok() ? block_bytes_ : 0;
+    server_.counters.direct_device_bytes += landed;
+  }
   if (!closed_) Reply(*req);
   Recycle(std::move(req));
   if (closed_) return;
@@ -212,6 +326,7 @@ void Connection::Reply(Request& r) {
     switch (static_cast<wire::Opcode>(req->opcode)) {
       case wire::Opcode::kPut:
       case wire::Opcode::kGet:
+      case wire::Opcode::kGetToDevice:
         for (size_t i = 0; i < req->members.size(); ++i) {
           req->outcomes[req->members[i]] = req->store_statuses[i];
         }
@@ -249,6 +364,11 @@ void Connection::Reply(Request& r) {
         QueueReply(wire::Opcode::kSelect, req->id, req->opcode, req->arrival);
         break;
       }
+      case wire::Opcode::kRegisterDevice:  // a CUDA pool, opened on the workers
+        device_pending_ = false;
+        if (req->status.ok()) InstallDevice(std::move(req->device));
+        ReplyStatus(*req, wire::Opcode::kRegisterDevice, req->status);
+        break;
       default:  // Flush, IndexBlock
         ReplyStatus(*req, static_cast<wire::Opcode>(req->opcode), req->status);
         break;
@@ -304,7 +424,7 @@ void Connection::ReplyBatch(Request& req) {
 void Connection::ReplyStatus(Request& req, wire::Opcode opcode, const Status& status) {
   fbb_.Clear();
   if (opcode == wire::Opcode::kPut || opcode == wire::Opcode::kGet ||
-      opcode == wire::Opcode::kDelete) {
+      opcode == wire::Opcode::kDelete || opcode == wire::Opcode::kGetToDevice) {
     auto o = wire::ToWire(fbb_, status);
     fbb_.Finish(wire::CreateBatchReply(fbb_, o));
   } else {

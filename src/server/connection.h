@@ -1,7 +1,10 @@
 // Connection: one client of kvtierd, from accept to close (PROTOCOL.md). It reads
 // frames (FrameReader), serves them (the handshake first, then block transfers and the
 // other requests, up to max_in_flight at once) and writes the replies from a queue,
-// with the staging area's descriptor attached to the HelloReply.
+// with the staging area's descriptor attached to the HelloReply. On the Unix socket it
+// reads with recvmsg, so that a descriptor sent with a RegisterDevice frame (SCM_RIGHTS)
+// arrives with it; the client's GPU tier it names is then this connection's
+// DeviceMapping, which GetToDevice copies into.
 //
 // Threading: a connection lives on one IoShard; every member function runs on that
 // shard's thread (no locks). Store work runs elsewhere (the store's async threads, the
@@ -23,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "src/server/device_mapping.h"
 #include "src/server/frame_reader.h"
 #include "src/server/handshake.h"
 #include "src/server/protocol/codec.h"
@@ -67,9 +71,25 @@ class Connection : public std::enable_shared_from_this<Connection> {
     int fd = -1;  // sent with the frame's first byte (SCM_RIGHTS), not owned
   };
 
+  // A descriptor received with bytes [begin, end) of the stream (offsets since the
+  // connection opened).
+  struct ReceivedFd {
+    UniqueFd fd;
+    uint64_t begin = 0;
+    uint64_t end = 0;
+  };
+
   // Reading and dispatch.
   void ReadMore();
   void OnRead(const boost::system::error_code& ec, size_t bytes);
+  // ReadMore on the Unix socket: recvmsg, keeping the descriptors that come with bytes.
+  void ReceiveMore();
+  // Queues the SCM_RIGHTS descriptors of `msg` (received with the `bytes` that follow
+  // bytes_received_). False when they break the rules: too many pending, or truncated.
+  bool KeepReceivedFds(const struct msghdr& msg, size_t bytes);
+  // The descriptor a frame at [begin, end) of the stream takes (a RegisterDevice: the
+  // oldest that came with its first byte), after closing those no later frame can take.
+  UniqueFd TakeFrameFd(uint16_t opcode, uint64_t begin, uint64_t end);
   void ProcessFrames();
   void HandleFrame(const wire::FrameHeader& header, std::span<const uint8_t> body);
   void HandleHello(Request& req, std::span<const uint8_t> body);
@@ -82,6 +102,21 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void HandleStats(Request& req);
   void HandleIndexBlock(std::unique_ptr<Request> req, std::span<const uint8_t> body);
   void HandleSelect(std::unique_ptr<Request> req, std::span<const uint8_t> body);
+  void HandleRegisterDevice(std::unique_ptr<Request> req, std::span<const uint8_t> body,
+                            UniqueFd fd);
+  void HandleGetToDevice(std::unique_ptr<Request> req, std::span<const uint8_t> body);
+  // On a worker, for a GetToDevice into a CUDA pool: pins the members' blocks in the
+  // host tier (per key when the batch cannot be pinned whole, for per-member outcomes),
+  // copies the pinned ones into the pool, waits until they have landed, unpins.
+  static void CopyToCudaPool(EmbeddedStore& store, Request& r, uint64_t block_bytes);
+  // The registered pool is device_ from now on.
+  void InstallDevice(std::shared_ptr<DeviceMapping> device);
+  // The tail of a Get (and an emulated GetToDevice): checks the keys' namespaces, reads
+  // each allowed key's block from the store into destination(req, i) (void*, block_bytes_
+  // bytes), holding `slots_named` staging slots, and replies when done.
+  template <typename Destination>
+  void GetBatchInto(std::unique_ptr<Request> req, const flatbuffers::Vector<const wire::Key*>* keys,
+                    uint32_t slots_named, Destination destination);
   // Checks the keys' namespaces: req.outcomes gets one entry per key (PermissionDenied
   // for another namespace's key, else OK).
   void CheckNamespaces(Request& req, const flatbuffers::Vector<const wire::Key*>* keys);
@@ -94,6 +129,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Request* BeginBatch(std::unique_ptr<Request> req, size_t members, uint32_t slots_named);
   template <typename Work>
   void RunOnWorkers(std::unique_ptr<Request> req, Work work);
+  // The same for a request already begun (BeginAsync, BeginBatch).
+  template <typename Work>
+  void PostToWorkers(Request* req, Work work);
   static void PostComplete(Request* req);
   void Complete(Request* req);
   // The reply of a request that went to the store or the workers, or failed before.
@@ -128,8 +166,14 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::string client_name_;
   std::shared_ptr<StagingArea> staging_;
   std::vector<uint8_t> slot_marks_;  // Get: slots named so far (one per staging slot)
+  // The client's GPU tier (RegisterDevice); device_pending_ while a CUDA one is opened.
+  std::shared_ptr<DeviceMapping> device_;
+  bool device_pending_ = false;
 
   FrameReader reader_;
+  uint64_t bytes_received_ = 0;          // Unix socket: stream offset of the next byte received
+  uint64_t frame_offset_ = 0;            // stream offset of the next frame handled
+  std::deque<ReceivedFd> received_fds_;  // Unix socket, in arrival order
   bool reading_ = false;
   bool closed_ = false;
   bool draining_ = false;

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "src/core/device_cache.h"
 #include "src/server/connection.h"
 
 namespace kvtier::server {
@@ -20,6 +21,8 @@ struct Connection::Request {
   Clock::time_point arrival;
   std::shared_ptr<StagingArea> staging;  // held while the store reads or writes its slots
   uint32_t slots_named = 0;
+  // RegisterDevice (CUDA) and GetToDevice: the client's GPU tier, held while copies run.
+  std::shared_ptr<DeviceMapping> device;
   // Set while in flight: keeps the connection alive until Complete runs on its shard
   // (and is dropped there, never on a store or worker thread).
   std::shared_ptr<Connection> owner;
@@ -49,8 +52,20 @@ struct Connection::Request {
   uint64_t count = 0;
   SelectInfo info;
 
+  // GetToDevice into a CUDA pool (on the workers): the members' keys, host pins and
+  // destination offsets, compacted to those pinned before the copies.
+  std::vector<BlockKey> device_keys;
+  std::vector<HostBlockRef> host_blocks;
+  std::vector<const std::byte*> sources;
+  std::vector<uint64_t> offsets;
+
   void Reset() {
     staging.reset();
+    device.reset();
+    device_keys.clear();
+    host_blocks.clear();
+    sources.clear();
+    offsets.clear();
     owner.reset();
     slots_named = 0;
     writes.clear();
@@ -76,7 +91,11 @@ struct Connection::Request {
 // this connection's shard.
 template <typename Work>
 void Connection::RunOnWorkers(std::unique_ptr<Request> req, Work work) {
-  Request* r = BeginAsync(std::move(req));
+  PostToWorkers(BeginAsync(std::move(req)), std::move(work));
+}
+
+template <typename Work>
+void Connection::PostToWorkers(Request* r, Work work) {
   boost::asio::post(*server_.workers, [r, work = std::move(work)]() mutable {
     work(*r->owner->server_.store, *r);
     PostComplete(r);

@@ -201,19 +201,29 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
     ReplyStatus(*req, wire::Opcode::kGet, bad);
     return Recycle(std::move(req));
   }
-  CheckNamespaces(*req, get->keys());
   const bool use_slots = nslots > 0;
   req->inline_data = !use_slots;
   if (!use_slots) req->data.assign(uint64_t{n} * block_bytes_, 0);
-  for (uint32_t i = 0; i < n; ++i) {
+  GetBatchInto(std::move(req), get->keys(), use_slots ? n : 0,
+               [&](Request& r, uint32_t i) -> void* {
+                 return use_slots ? static_cast<void*>(staging_->slot(get->slots()->Get(i)))
+                                  : r.data.data() + uint64_t{i} * block_bytes_;
+               });
+}
+
+template <typename Destination>
+void Connection::GetBatchInto(std::unique_ptr<Request> req,
+                              const flatbuffers::Vector<const wire::Key*>* keys,
+                              uint32_t slots_named, Destination destination) {
+  CheckNamespaces(*req, keys);
+  for (uint32_t i = 0; i < req->outcomes.size(); ++i) {
     if (!req->outcomes[i].ok()) continue;
-    void* dst = use_slots ? static_cast<void*>(staging_->slot(get->slots()->Get(i)))
-                          : req->data.data() + uint64_t{i} * block_bytes_;
-    req->reads.push_back(BlockRead{wire::FromWire(*get->keys()->Get(i)), dst, block_bytes_});
+    req->reads.push_back(
+        BlockRead{wire::FromWire(*keys->Get(i)), destination(*req, i), block_bytes_});
     req->members.push_back(i);
   }
   const size_t members = req->reads.size();
-  Request* r = BeginBatch(std::move(req), members, use_slots ? n : 0);
+  Request* r = BeginBatch(std::move(req), members, slots_named);
   if (r == nullptr) return;
   server_.store->GetBatchAsync(r->reads, r->store_statuses, [r](Status) { PostComplete(r); });
 }
@@ -368,6 +378,140 @@ void Connection::HandleSelect(std::unique_ptr<Request> req, std::span<const uint
                                         r.context_tokens, r.selected, r.scores, r.runners_up);
     r.status = info.ok() ? Status::OK() : info.status();
     if (info.ok()) r.info = *info;
+  });
+}
+
+// --- Direct copies into a client's GPU tier (PROTOCOL.md) ---------------------------
+
+void Connection::HandleRegisterDevice(std::unique_ptr<Request> req, std::span<const uint8_t> body,
+                                      UniqueFd fd) {
+  const auto* reg = flatbuffers::GetRoot<wire::RegisterDeviceRequest>(body.data());
+  const std::span<const uint8_t> uuid = Bytes(reg->gpu_uuid());
+  const std::span<const uint8_t> handle = Bytes(reg->ipc_handle());
+  Status bad;
+  if (!peer_.unix_socket) {
+    bad = Status::NotSupported("RegisterDevice over TCP: over TCP block bytes travel inline");
+  } else if (device_ != nullptr || device_pending_) {
+    bad = Status::FailedPrecondition("a device pool is already registered on this connection");
+  } else if (reg->kind() == static_cast<uint8_t>(DeviceMapping::Kind::kEmulated)) {
+    kvtier::Result<std::shared_ptr<DeviceMapping>> mapping =
+        DeviceMapping::MapMemfd(fd.get(), reg->bytes(), block_bytes_);
+    if (mapping.ok()) InstallDevice(std::move(mapping).value());
+    bad = mapping.status();
+  } else if (reg->kind() != static_cast<uint8_t>(DeviceMapping::Kind::kCuda)) {
+    bad = Status::InvalidArgument("unknown device pool kind " + std::to_string(reg->kind()));
+  } else if (!cuda::HasDevice()) {
+    bad = Status::NotSupported("kvtierd has no GPU (" + cuda::Devices().reason +
+                               "); the client feeds its GPU tier through Get");
+  } else if (uuid.size() != 16 || handle.size() != 64) {
+    bad = Status::InvalidArgument(
+        "a CUDA device pool needs a 16-byte gpu_uuid and a 64-byte "
+        "ipc_handle");
+  } else {
+    // Opening an IPC handle can take milliseconds: on the workers, not this shard.
+    req->data.assign(uuid.begin(), uuid.end());
+    req->data.insert(req->data.end(), handle.begin(), handle.end());
+    req->count = reg->bytes();
+    device_pending_ = true;
+    return RunOnWorkers(std::move(req), [bytes = block_bytes_](EmbeddedStore&, Request& r) {
+      kvtier::Result<std::shared_ptr<DeviceMapping>> mapping = DeviceMapping::OpenCuda(
+          std::span<const uint8_t, 16>(r.data.data(), 16),
+          std::span<const uint8_t, 64>(r.data.data() + 16, 64), r.count, bytes);
+      r.status = mapping.status();
+      if (mapping.ok()) r.device = std::move(mapping).value();
+    });
+  }
+  ReplyStatus(*req, wire::Opcode::kRegisterDevice, bad);
+  Recycle(std::move(req));
+}
+
+void Connection::InstallDevice(std::shared_ptr<DeviceMapping> device) {
+  device_ = std::move(device);
+  server_.counters.device_pools_registered++;
+  Log().info("kvtierd: connection {} ({}{}{}) registered a {} device pool of {} bytes", id_,
+             peer_name_, client_name_.empty() ? "" : ", ", client_name_,
+             device_->kind() == DeviceMapping::Kind::kCuda ? "CUDA" : "emulated", device_->bytes());
+}
+
+void Connection::CopyToCudaPool(EmbeddedStore& store, Request& r, uint64_t block_bytes) {
+  BlockSource& source = store.host_block_source();
+  const size_t n = r.device_keys.size();
+  r.host_blocks.assign(n, HostBlockRef{});
+  const Status all = source.PinHost(r.device_keys, r.host_blocks);
+  if (!all.ok()) {
+    for (size_t i = 0; i < n; ++i) {
+      r.store_statuses[i] =
+          n == 1 ? all : source.PinHost({&r.device_keys[i], 1}, {&r.host_blocks[i], 1});
+    }
+  }
+  // Compact to the pinned members: their sources, offsets, keys and refs.
+  size_t pinned = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!r.store_statuses[i].ok()) continue;
+    r.sources.push_back(r.host_blocks[i].data);
+    r.offsets[pinned] = r.offsets[i];
+    r.device_keys[pinned] = r.device_keys[i];
+    r.host_blocks[pinned] = r.host_blocks[i];
+    ++pinned;
+  }
+  if (pinned == 0) return;
+  const std::span<const uint64_t> offsets(r.offsets.data(), pinned);
+  const Status copied = r.device->CopyFromHost(r.sources, offsets, block_bytes);
+  source.UnpinHost(std::span(r.device_keys.data(), pinned),
+                   std::span(r.host_blocks.data(), pinned));
+  if (copied.ok()) return;
+  for (Status& s : r.store_statuses) {
+    if (s.ok()) s = copied;
+  }
+}
+
+void Connection::HandleGetToDevice(std::unique_ptr<Request> req, std::span<const uint8_t> body) {
+  const auto* get = flatbuffers::GetRoot<wire::GetToDeviceRequest>(body.data());
+  const uint32_t n = get->keys() == nullptr ? 0 : get->keys()->size();
+  const uint32_t noffsets = get->offsets() == nullptr ? 0 : get->offsets()->size();
+  Status bad;
+  if (device_ == nullptr) {
+    bad = Status::FailedPrecondition(
+        "GetToDevice without a device pool: RegisterDevice first (and wait for its reply)");
+  } else if (noffsets != n) {
+    bad = Status::InvalidArgument("a GetToDevice of " + std::to_string(n) + " keys names " +
+                                  std::to_string(noffsets) + " offsets");
+  } else {
+    // bytes() >= block_bytes_ (RegisterDevice checked): no overflow.
+    const uint64_t last = device_->bytes() - block_bytes_;
+    for (uint32_t i = 0; i < n && bad.ok(); ++i) {
+      if (get->offsets()->Get(i) > last) {
+        bad = Status::InvalidArgument("offset " + std::to_string(get->offsets()->Get(i)) +
+                                      " + one block (" + std::to_string(block_bytes_) +
+                                      " bytes) is past the device pool's " +
+                                      std::to_string(device_->bytes()) + " bytes");
+      }
+    }
+  }
+  if (!bad.ok()) {
+    ReplyStatus(*req, wire::Opcode::kGetToDevice, bad);
+    return Recycle(std::move(req));
+  }
+  req->device = device_;
+  if (device_->kind() == DeviceMapping::Kind::kEmulated) {
+    uint8_t* const base = device_->base();
+    const auto* offsets = get->offsets();
+    return GetBatchInto(std::move(req), get->keys(), 0, [base, offsets](Request&, uint32_t i) {
+      return static_cast<void*>(base + offsets->Get(i));
+    });
+  }
+  CheckNamespaces(*req, get->keys());
+  for (uint32_t i = 0; i < n; ++i) {
+    if (!req->outcomes[i].ok()) continue;
+    req->device_keys.push_back(wire::FromWire(*get->keys()->Get(i)));
+    req->offsets.push_back(get->offsets()->Get(i));
+    req->members.push_back(i);
+  }
+  const size_t members = req->members.size();
+  Request* r = BeginBatch(std::move(req), members, 0);
+  if (r == nullptr) return;
+  PostToWorkers(r, [bytes = block_bytes_](EmbeddedStore& store, Request& q) {
+    CopyToCudaPool(store, q, bytes);
   });
 }
 

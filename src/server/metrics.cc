@@ -136,6 +136,12 @@ std::string RenderMetrics(const StoreStats& s, const ServerStats& server,
            static_cast<double>(server.staging_slots_in_use));
   w.Single("kvtier_staging_bytes", "gauge", "Bytes of client staging areas mapped.",
            static_cast<double>(server.staging_bytes_mapped));
+  w.Single("kvtier_device_pools_registered", "gauge",
+           "Client GPU tiers registered for direct copies (RegisterDevice).",
+           static_cast<double>(server.device_pools_registered));
+  w.Single("kvtier_direct_device_bytes_total", "counter",
+           "Bytes copied from the host tier straight into client GPU tiers (GetToDevice).",
+           static_cast<double>(server.direct_device_bytes));
 
   w.Header("kvtier_connected_clients", "gauge", "Clients connected (after their handshake).");
   for (const NamespaceMetrics& ns : namespaces) {

@@ -57,8 +57,8 @@ struct ServerOptions {
 // buckets: counts of requests that took <= kLatencyBucketsSeconds[i], then +Inf.
 inline constexpr std::array<double, 14> kLatencyBucketsSeconds = {
     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 1.0};
-// Opcodes, kError (0) to kSelect (10): the size of ServerStats::latency.
-inline constexpr size_t kOpcodeCount = 11;
+// Opcodes, kError (0) to kGetToDevice (12): the size of ServerStats::latency.
+inline constexpr size_t kOpcodeCount = 13;
 struct LatencyHistogram {
   std::array<uint64_t, kLatencyBucketsSeconds.size() + 1> buckets{};  // not cumulative
   uint64_t count = 0;
@@ -73,9 +73,11 @@ struct ServerStats {
   uint64_t frames_rejected = 0;   // malformed frames answered with Error
   uint64_t slow_readers_cut = 0;  // connections closed for unread replies
   uint64_t requests = 0;
-  uint64_t staging_bytes_mapped = 0;         // bytes of staging areas alive now
-  uint64_t staging_slots_in_use = 0;         // staging slots named by requests in flight
-  std::array<LatencyHistogram, 11> latency;  // indexed by wire::Opcode
+  uint64_t staging_bytes_mapped = 0;     // bytes of staging areas alive now
+  uint64_t staging_slots_in_use = 0;     // staging slots named by requests in flight
+  uint64_t device_pools_registered = 0;  // client GPU tiers mapped now (RegisterDevice)
+  uint64_t direct_device_bytes = 0;      // bytes GetToDevice copied into them
+  std::array<LatencyHistogram, kOpcodeCount> latency;  // indexed by wire::Opcode
   // Open connections per namespace id (after their handshake).
   std::vector<std::pair<uint32_t, uint64_t>> clients_per_namespace;
 };

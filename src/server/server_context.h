@@ -37,6 +37,8 @@ class ServerCounters {
   std::atomic<uint64_t> requests{0};
   std::atomic<uint64_t> staging_bytes_mapped{0};
   std::atomic<uint64_t> staging_slots_in_use{0};
+  std::atomic<uint64_t> device_pools_registered{0};
+  std::atomic<uint64_t> direct_device_bytes{0};
   // Open connections past their handshake, per index into ServerContext::namespaces.
   std::unique_ptr<std::atomic<uint64_t>[]> clients_per_namespace;
 

@@ -13,8 +13,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 
 #include "kvtier/status.h"
+#include "storage/shared_memory.h"
 
 namespace kvtier::server {
 
@@ -26,7 +28,6 @@ class StagingArea {
   // fcntl(F_ADD_SEALS) or mmap.
   static kvtier::Result<std::shared_ptr<StagingArea>> Create(uint32_t slots, uint64_t slot_bytes,
                                                              const char* name);
-  ~StagingArea();
 
   StagingArea(const StagingArea&) = delete;
   StagingArea& operator=(const StagingArea&) = delete;
@@ -37,12 +38,17 @@ class StagingArea {
   // Slot `i` (< slots()).
   uint8_t* slot(uint32_t i) const { return base_ + uint64_t{i} * slot_bytes_; }
   // The memfd (-1 once closed): the daemon closes its copy once it has been sent.
-  int fd() const { return fd_; }
-  void CloseFd();
+  int fd() const { return memory_->fd(); }
+  void CloseFd() { memory_->CloseFd(); }
 
  private:
-  StagingArea(int fd, uint8_t* base, uint32_t slots, uint64_t slot_bytes);
-  int fd_;
+  StagingArea(std::unique_ptr<SharedMemory> memory, uint32_t slots, uint64_t slot_bytes)
+      : memory_(std::move(memory)),
+        base_(reinterpret_cast<uint8_t*>(memory_->data())),
+        slots_(slots),
+        slot_bytes_(slot_bytes) {}
+
+  const std::unique_ptr<SharedMemory> memory_;
   uint8_t* const base_;
   const uint32_t slots_;
   const uint64_t slot_bytes_;

@@ -57,6 +57,20 @@ std::vector<uint8_t> Other(Opcode op) {
       fbb.Finish(CreateSelectRequest(fbb, 0, 0, 9, 3, 8192, fbb.CreateVector(q), true, 4));
       break;
     }
+    case Opcode::kRegisterDevice: {
+      const std::vector<uint8_t> uuid(16, 7), handle(64, 9);
+      fbb.Finish(CreateRegisterDeviceRequest(fbb, 1, uint64_t{16} << 20, fbb.CreateVector(uuid),
+                                             fbb.CreateVector(handle)));
+      break;
+    }
+    case Opcode::kGetToDevice: {
+      const Key keys[2] = {ToWire(kvtier::BlockKey{0, {0, 9}, 1, 2}),
+                           ToWire(kvtier::BlockKey{0, {0, 9}, 1, 3})};
+      const std::vector<uint64_t> offsets = {0, 524288};
+      fbb.Finish(CreateGetToDeviceRequest(fbb, fbb.CreateVectorOfStructs(keys, 2),
+                                          fbb.CreateVector(offsets)));
+      break;
+    }
     default:
       fbb.Finish(CreateEmpty(fbb));
   }
@@ -93,6 +107,8 @@ int main(int argc, char** argv) {
   Write(dir, "drop_flush_stats", unix_uid,
         {hello, Other(Opcode::kDropSequence), Other(Opcode::kFlush), Other(Opcode::kStats)});
   Write(dir, "index_select", unix_uid, {hello, Other(Opcode::kIndexBlock), Other(Opcode::kSelect)});
+  Write(dir, "device", unix_uid,
+        {hello, Other(Opcode::kRegisterDevice), Other(Opcode::kGetToDevice)});
   auto bad_magic = hello;
   bad_magic[0] ^= 0xFF;
   Write(dir, "bad_magic", unix_uid, {bad_magic});

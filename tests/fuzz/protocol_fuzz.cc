@@ -65,6 +65,19 @@ uint64_t Touch(uint16_t opcode, const uint8_t* body) {
       sum += r->layer() + r->context_tokens() + r->runners_up();
       break;
     }
+    case Opcode::kRegisterDevice: {
+      const auto* r = flatbuffers::GetRoot<RegisterDeviceRequest>(body);
+      sum += r->kind() + r->bytes();
+      bytes(r->gpu_uuid());
+      bytes(r->ipc_handle());
+      break;
+    }
+    case Opcode::kGetToDevice: {
+      const auto* r = flatbuffers::GetRoot<GetToDeviceRequest>(body);
+      keys(r->keys());
+      bytes(r->offsets());
+      break;
+    }
     default:
       break;
   }

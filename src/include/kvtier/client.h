@@ -44,6 +44,11 @@ struct SidecarStatus {
   bool shared_memory = false;
   uint32_t staging_blocks = 0;
   uint64_t requests_in_flight = 0;  // sent, reply not yet received
+  // The client's GPU tier is registered with the daemon on this connection: its misses
+  // are copied straight in (SidecarOptions::direct_device). When not, and it was tried,
+  // why ("" otherwise).
+  bool direct_device = false;
+  std::string direct_device_error;
 };
 
 // The state of `store`'s connection to kvtierd; nullopt for an embedded store.

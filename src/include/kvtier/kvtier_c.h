@@ -112,6 +112,8 @@ typedef struct kvtier_retrieval_options {
   uint32_t prefetch_extra;
   uint32_t device_blocks_per_layer;
   int force_emulated_device; /* non-zero: the GPU tier in host memory even with a GPU */
+  uint32_t coarse_clusters;  /* two-stage scoring; 0: one pass (see RetrievalOptions) */
+  uint32_t shortlist_factor;
 } kvtier_retrieval_options;
 
 typedef struct kvtier_options {
@@ -132,6 +134,9 @@ typedef struct kvtier_options {
   uint32_t sidecar_staging_blocks;     /* 0: the default (64) */
   /* kvtier_options_init sets 30000; 0: no limit (kvtier::SidecarOptions). */
   uint32_t sidecar_request_timeout_ms;
+  /* kvtier_options_init sets 1: kvtierd copies the GPU tier's misses straight in
+   * (kvtier::SidecarOptions::direct_device); 0: through the staging area. */
+  int sidecar_direct_device;
 } kvtier_options;
 
 typedef struct kvtier_block_key {
@@ -193,6 +198,7 @@ typedef struct kvtier_stats {
   uint64_t prefetches;
   uint64_t prefetch_hits;
   uint64_t acquire_stall_nanos;
+  uint64_t device_direct_blocks; /* copied in by kvtierd (a sidecar client's direct path) */
 } kvtier_stats;
 
 /* What kvtier_select attends besides the selected blocks: see kvtier::SelectInfo. */

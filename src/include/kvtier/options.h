@@ -60,6 +60,13 @@ struct SidecarOptions {
   // flight with the same status) and reconnects as after a break. 0: no limit.
   // Default: 30000 ms.
   uint32_t request_timeout_ms = 30000;
+  // A client with a GPU tier (RetrievalOptions::device_capacity_bytes) over the Unix
+  // socket registers the tier's memory with the daemon, which then copies missing
+  // blocks from its host tier straight into it (CUDA IPC with a GPU; shared memory for
+  // the emulated tier): one copy per block instead of three through the staging area.
+  // When the daemon refuses (no GPU on its side, an older daemon), misses go through
+  // the staging area, and SidecarStatus says why. Default: true.
+  bool direct_device = true;
 };
 
 // A namespace's limits, in bytes (0: no limit). Blocks of namespaces without an entry

@@ -109,6 +109,9 @@ struct StoreStats {
   uint64_t prefetches = 0;           // blocks brought in ahead of an Acquire
   uint64_t prefetch_hits = 0;        // ... that a later Acquire used
   uint64_t acquire_stall_nanos = 0;  // time Acquire spent waiting for on-demand data
+  // Blocks (on demand and prefetched) that kvtierd copied straight from its host tier
+  // into this client's GPU tier (a sidecar client's direct path; 0 when embedded).
+  uint64_t device_direct_blocks = 0;
 };
 
 // What Select attends at one decoding step of one layer: the sink blocks

@@ -71,6 +71,10 @@ std::string_view OpcodeName(uint16_t opcode) {
       return "IndexBlock";
     case Opcode::kSelect:
       return "Select";
+    case Opcode::kRegisterDevice:
+      return "RegisterDevice";
+    case Opcode::kGetToDevice:
+      return "GetToDevice";
   }
   return "Unknown";
 }
@@ -133,6 +137,14 @@ Status VerifyRequestBody(uint16_t opcode, std::span<const uint8_t> body) {
       return Verify<IndexBlockRequest>(body, "IndexBlock request");
     case Opcode::kSelect:
       return Verify<SelectRequest>(body, "Select request");
+    case Opcode::kRegisterDevice:
+      return Verify<RegisterDeviceRequest>(body, "RegisterDevice request");
+    case Opcode::kGetToDevice: {
+      KVTIER_RETURN_IF_ERROR(Verify<GetToDeviceRequest>(body, "GetToDevice request"));
+      const auto* request = flatbuffers::GetRoot<GetToDeviceRequest>(body.data());
+      KVTIER_RETURN_IF_ERROR(CheckAligned(request->keys(), "key"));
+      return CheckAligned(request->offsets(), "offset");
+    }
     case Opcode::kError:
       break;
   }
@@ -144,12 +156,14 @@ Status VerifyReplyBody(uint16_t opcode, std::span<const uint8_t> body) {
     case Opcode::kError:
     case Opcode::kFlush:
     case Opcode::kIndexBlock:
+    case Opcode::kRegisterDevice:
       return Verify<StatusReply>(body, "status reply");
     case Opcode::kHello:
       return Verify<HelloReply>(body, "Hello reply");
     case Opcode::kPut:
     case Opcode::kGet:
     case Opcode::kDelete:
+    case Opcode::kGetToDevice:
       return Verify<BatchReply>(body, "batch reply");
     case Opcode::kContains:
       return Verify<ContainsReply>(body, "Contains reply");

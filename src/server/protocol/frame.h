@@ -30,19 +30,21 @@ inline constexpr uint32_t kFlagReply = 1u;
 inline constexpr uint32_t kDefaultMaxFrameBytes = 64u << 20;
 
 enum class Opcode : uint16_t {
-  kError = 0,         // reply only: a frame that could not be served (StatusReply)
-  kHello = 1,         // HelloRequest -> HelloReply
-  kPut = 2,           // PutRequest -> BatchReply
-  kGet = 3,           // GetRequest -> BatchReply
-  kContains = 4,      // KeysRequest -> ContainsReply
-  kDelete = 5,        // KeysRequest -> BatchReply
-  kDropSequence = 6,  // DropSequenceRequest -> CountReply
-  kFlush = 7,         // Empty -> StatusReply
-  kStats = 8,         // Empty -> StatsReply
-  kIndexBlock = 9,    // IndexBlockRequest -> StatusReply
-  kSelect = 10,       // SelectRequest -> SelectReply
+  kError = 0,            // reply only: a frame that could not be served (StatusReply)
+  kHello = 1,            // HelloRequest -> HelloReply
+  kPut = 2,              // PutRequest -> BatchReply
+  kGet = 3,              // GetRequest -> BatchReply
+  kContains = 4,         // KeysRequest -> ContainsReply
+  kDelete = 5,           // KeysRequest -> BatchReply
+  kDropSequence = 6,     // DropSequenceRequest -> CountReply
+  kFlush = 7,            // Empty -> StatusReply
+  kStats = 8,            // Empty -> StatsReply
+  kIndexBlock = 9,       // IndexBlockRequest -> StatusReply
+  kSelect = 10,          // SelectRequest -> SelectReply
+  kRegisterDevice = 11,  // RegisterDeviceRequest (+ a memfd, emulated) -> StatusReply
+  kGetToDevice = 12,     // GetToDeviceRequest -> BatchReply
 };
-inline constexpr uint16_t kMaxOpcode = 10;
+inline constexpr uint16_t kMaxOpcode = 12;
 // "Hello", "Put", ...; "Unknown" outside the enum.
 std::string_view OpcodeName(uint16_t opcode);
 
