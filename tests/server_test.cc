@@ -1250,6 +1250,31 @@ TEST_F(ServerTest, TcpNeedsATokenAndMovesBytesInline) {
   EXPECT_EQ(got, data);
   // Slots mean nothing without a staging area.
   EXPECT_EQ(c->Get(3, keys, {0, 1}).code(), StatusCode::kInvalidArgument);
+  // The reply is built around the blocks the store writes (and its builder reused from
+  // request to request): a member that failed is zeros, the others exact, whatever the
+  // sizes of the Gets before.
+  const uint64_t bb = block_bytes();
+  for (uint64_t id = 4; id < 8; ++id) {
+    const std::vector<BlockKey> mixed =
+        id % 2 == 0 ? std::vector<BlockKey>{keys[1], Key(9, 0, 0, 3)}
+                    : std::vector<BlockKey>{keys[0], Key(9, 0, 0, 3), keys[1], keys[0]};
+    std::vector<Status> members;
+    EXPECT_EQ(c->Get(id, mixed, {}, &members, &got).code(), StatusCode::kNotFound);
+    ASSERT_EQ(members.size(), mixed.size());
+    ASSERT_EQ(got.size(), mixed.size() * bb);
+    for (size_t i = 0; i < mixed.size(); ++i) {
+      const std::vector<uint8_t> member(got.begin() + i * bb, got.begin() + (i + 1) * bb);
+      if (mixed[i] == Key(9, 0, 0, 3)) {
+        EXPECT_EQ(members[i].code(), StatusCode::kNotFound);
+        EXPECT_EQ(member, std::vector<uint8_t>(bb, 0));
+      } else {
+        EXPECT_TRUE(members[i].ok());
+        const size_t which = mixed[i] == keys[0] ? 0 : 1;
+        EXPECT_EQ(member,
+                  std::vector<uint8_t>(data.begin() + which * bb, data.begin() + (which + 1) * bb));
+      }
+    }
+  }
 }
 
 // --- Start's checks ----------------------------------------------------------------------

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kvtier/store.h"
+#include "src/core/embedded_store.h"
 #include "storage/catalog.h"
 #include "tests/fault_injection_env.h"
 #include "tests/test_util.h"
@@ -105,6 +106,43 @@ TEST_P(StoreDiskTest, RoundTripUnderMemoryPressure) {
   EXPECT_EQ(s.dirty_blocks, 0u);
   EXPECT_EQ(s.disk_blocks, 600u);
   EXPECT_EQ(s.disk_used_bytes, 600u * s.host_slot_bytes);
+}
+
+// The form kvtierd's io threads use: served at once from the host tier, or declined
+// with nothing done when a block would come from disk.
+TEST_P(StoreDiskTest, GetBatchFromHostServesTheHostTierAndDeclinesTheDisk) {
+  auto opened =
+      EmbeddedStore::Open(Options(/*host_slots=*/16, /*disk_blocks=*/2048), SmallLayout());
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  EmbeddedStore& store = **opened;
+  PutAll(store, 50, 1);  // 200 blocks through 16 slots: the first ones are on disk only
+  ASSERT_TRUE(store.Flush().ok());
+  const uint64_t bytes = store.block_bytes();
+  const BlockKey hot = Key(1, 3, 49), cold = Key(1, 0, 0), missing = Key(9, 0, 0);
+  std::vector<std::byte> a(bytes, std::byte{0xAB}), b(bytes, std::byte{0xAB});
+  std::vector<Status> statuses(2);
+
+  const uint64_t reads_before = store.Stats().disk_reads;
+  std::vector<BlockRead> reads = {{cold, a.data(), bytes}, {hot, b.data(), bytes}};
+  EXPECT_FALSE(store.GetBatchFromHost(reads, statuses));
+  EXPECT_EQ(a, std::vector<std::byte>(bytes, std::byte{0xAB}));  // nothing done
+  EXPECT_EQ(b, std::vector<std::byte>(bytes, std::byte{0xAB}));
+  EXPECT_EQ(store.Stats().disk_reads, reads_before);
+
+  reads = {{hot, b.data(), bytes}, {missing, a.data(), bytes}};
+  ASSERT_TRUE(store.GetBatchFromHost(reads, statuses));
+  EXPECT_TRUE(statuses[0].ok()) << statuses[0].ToString();
+  EXPECT_TRUE(HoldsVersion(b, hot, 1));
+  EXPECT_TRUE(statuses[1].IsNotFound()) << statuses[1].ToString();
+
+  // Once a Get has promoted it, the cold block is served from the host tier too.
+  ASSERT_TRUE(store.Get(cold, a.data(), bytes).ok());
+  std::fill(a.begin(), a.end(), std::byte{0});
+  reads = {{cold, a.data(), bytes}};
+  ASSERT_TRUE(store.GetBatchFromHost(reads, std::span(statuses).first(1)));
+  EXPECT_TRUE(statuses[0].ok());
+  EXPECT_TRUE(HoldsVersion(a, cold, 1));
+  EXPECT_FALSE(store.GetBatchFromHost(reads, statuses));  // spans of different sizes
 }
 
 TEST_P(StoreDiskTest, ReopenServesEverythingAfterCleanClose) {

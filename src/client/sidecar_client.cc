@@ -41,6 +41,10 @@ constexpr uint64_t kFrameOverheadBytes = 4096;
 // messages, which are short).
 constexpr uint64_t kMemberBytes = 256;
 
+// A chunk's block bytes at most: a batch moves in several chunks, so that this side's
+// copies of one (into or out of the staging slots) overlap the daemon's of another.
+constexpr uint64_t kChunkBytes = uint64_t{1} << 20;
+
 uint64_t MembersPerFrame(const Connection& c, uint64_t block_bytes) {
   const uint64_t per = kMemberBytes + (c.staging() != nullptr ? 0 : block_bytes);
   const uint64_t room =
@@ -515,9 +519,11 @@ void SidecarClient::Pump() {
       MutexLock lock(&mu_);
       if (!PumpableLocked()) return;
       std::shared_ptr<Transfer> t = waiting_.front();
-      // Half the slots at most, so that two chunks of a big batch overlap.
-      const uint64_t limit = std::min<uint64_t>(std::max<uint32_t>(1, (total_slots_ + 1) / 2),
-                                                MembersPerFrame(*connection_, block_bytes_));
+      // Half the slots at most, and kChunkBytes, so that chunks of a big batch overlap.
+      const uint64_t limit =
+          std::min<uint64_t>({std::max<uint32_t>(1, (total_slots_ + 1) / 2),
+                              MembersPerFrame(*connection_, block_bytes_),
+                              std::max<uint64_t>(1, kChunkBytes / block_bytes_)});
       while (t->next < t->size() && chunk->members.size() < limit && !free_slots_.empty()) {
         const size_t i = t->next++;
         if (!t->statuses[i].ok()) continue;  // refused locally

@@ -74,6 +74,13 @@ class EmbeddedStore final : public Store {
                               std::span<const float> scores = {}) override;
   Status Release(uint64_t lease) override;
 
+  // GetBatch when no found block is on disk only: served on the calling thread with
+  // nothing to wait for but the store's lock and the copies, and true. False, having
+  // done nothing, when a block would be read from disk (or the spans differ in size):
+  // the caller then uses GetBatch or GetBatchAsync. For a caller that must not block on
+  // I/O (kvtierd's io threads).
+  bool GetBatchFromHost(std::span<const BlockRead> reads, std::span<Status> statuses);
+
   // What `namespace_id` holds now (zeros for an unknown namespace). Takes the store's
   // lock for one hash lookup; safe from any thread.
   NamespaceUsage Usage(uint32_t namespace_id) const;

@@ -332,7 +332,8 @@ Status EmbeddedStore::Impl::PutBatch(std::span<const BlockWrite> writes,
   return FirstFailure(statuses);
 }
 
-Status EmbeddedStore::Impl::GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) {
+Status EmbeddedStore::Impl::GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses,
+                                     bool host_only, bool* declined) {
   if (statuses.size() != reads.size()) {
     return Status::InvalidArgument("GetBatch: " + std::to_string(statuses.size()) +
                                    " statuses for " + std::to_string(reads.size()) + " reads");
@@ -340,14 +341,14 @@ Status EmbeddedStore::Impl::GetBatch(std::span<const BlockRead> reads, std::span
   constexpr size_t kInline = 64;
   if (reads.size() <= kInline) {
     ReadPlan plans[kInline];  // one decode step's layers: no allocation
-    return RunReads(reads, std::span(plans, reads.size()), statuses);
+    return RunReads(reads, std::span(plans, reads.size()), statuses, host_only, declined);
   }
   std::vector<ReadPlan> plans(reads.size());
-  return RunReads(reads, plans, statuses);
+  return RunReads(reads, plans, statuses, host_only, declined);
 }
 
 Status EmbeddedStore::Impl::RunReads(std::span<const BlockRead> reads, std::span<ReadPlan> plans,
-                                     std::span<Status> statuses) {
+                                     std::span<Status> statuses, bool host_only, bool* declined) {
   bool any_promotion = false;
   for (size_t i = 0; i < reads.size(); ++i) {
     plans[i].status = CheckKey(reads[i].key);
@@ -355,6 +356,19 @@ Status EmbeddedStore::Impl::RunReads(std::span<const BlockRead> reads, std::span
   }
   {
     MutexLock lock(&mu);
+    if (host_only) {
+      // Decided under the same hold of the lock as the plans: no block found here can
+      // leave the host tier before it is pinned.
+      for (size_t i = 0; i < reads.size(); ++i) {
+        if (!plans[i].status.ok()) continue;
+        const BlockIndex::Entry* e = index.Find(reads[i].key);
+        if (e != nullptr && e->host_slot == BlockIndex::kNoSlot) {
+          *declined = true;
+          return Status::OK();
+        }
+      }
+      *declined = false;
+    }
     for (size_t i = 0; i < reads.size(); ++i) {
       if (!plans[i].status.ok()) continue;
       PlanReadLocked(reads[i].key, plans[i]);
@@ -593,7 +607,7 @@ Status EmbeddedStore::Get(const BlockKey& key, void* data, uint64_t bytes) {
   Status status;
   Impl::ReadPlan plan;
   const BlockRead read{key, data, bytes};
-  (void)impl_->RunReads({&read, 1}, {&plan, 1}, {&status, 1});
+  (void)impl_->RunReads({&read, 1}, {&plan, 1}, {&status, 1}, /*host_only=*/false, nullptr);
   return status;
 }
 
@@ -677,6 +691,13 @@ Status EmbeddedStore::PutBatch(std::span<const BlockWrite> writes, std::span<Sta
 
 Status EmbeddedStore::GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses) {
   return impl_->GetBatch(reads, statuses);
+}
+
+bool EmbeddedStore::GetBatchFromHost(std::span<const BlockRead> reads, std::span<Status> statuses) {
+  bool declined = true;
+  const Status s = impl_->GetBatch(reads, statuses, /*host_only=*/true, &declined);
+  if (!s.ok() && statuses.size() != reads.size()) return false;  // malformed: GetBatch says
+  return !declined;
 }
 
 // --- Asynchronous forms: the synchronous call, run on a worker thread -----------------

@@ -116,7 +116,10 @@ struct EmbeddedStore::Impl {
                     std::vector<Extent>* extents_to_free) KVTIER_REQUIRES(mu);
   Status Put(const BlockKey& key, const void* data, uint64_t bytes);
   Status PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses);
-  Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses);
+  // `host_only`: when a found block is on disk only, does nothing and sets *declined
+  // (the read would wait for the disk); else serves every read.
+  Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses,
+                  bool host_only = false, bool* declined = nullptr);
 
   // How one member of a Get is served.
   struct ReadPlan {
@@ -169,7 +172,7 @@ struct EmbeddedStore::Impl {
   NamespaceUsage Usage(uint32_t namespace_id) const;
   // Serves `reads` (plans: one fresh ReadPlan each, statuses: their outcomes).
   Status RunReads(std::span<const BlockRead> reads, std::span<ReadPlan> plans,
-                  std::span<Status> statuses);
+                  std::span<Status> statuses, bool host_only, bool* declined);
 
   // --- store_retrieval.cc ------------------------------------------------------------
   // Summarizes a block (keys first, kvtier's layout) on the calling thread.

@@ -307,17 +307,20 @@ void Connection::Complete(Request* raw) {
   const std::shared_ptr<Connection> self = std::move(req->owner);  // released on return
   --in_flight_;
   if (req->slots_named > 0) server_.counters.staging_slots_in_use -= req->slots_named;
-  if (req->opcode == static_cast<uint16_t>(wire::Opcode::kGetToDevice)) {
-    uint64_t landed = 0;
-    for (const Status& s : req->store_statuses) landed += s.ok() ? block_bytes_ : 0;
-    server_.counters.direct_device_bytes += landed;
-  }
+  CountDirectBytes(*req);
   if (!closed_) Reply(*req);
   Recycle(std::move(req));
   if (closed_) return;
   if (draining_) return MaybeFinishDraining();
   ProcessFrames();
   ReadMore();
+}
+
+void Connection::CountDirectBytes(const Request& req) {
+  if (req.opcode != static_cast<uint16_t>(wire::Opcode::kGetToDevice)) return;
+  uint64_t landed = 0;
+  for (const Status& s : req.store_statuses) landed += s.ok() ? block_bytes_ : 0;
+  server_.counters.direct_device_bytes += landed;
 }
 
 void Connection::Reply(Request& r) {
@@ -386,6 +389,7 @@ std::unique_ptr<Connection::Request> Connection::NewRequest() {
 }
 
 void Connection::Recycle(std::unique_ptr<Request> req) {
+  GiveBuilder(std::move(req->reply));  // a reply that was not sent (closed, failed)
   req->Reset();
   // A few spares cover a pipelined client; more would only hold memory.
   if (free_requests_.size() < 16) free_requests_.push_back(std::move(req));
@@ -399,26 +403,32 @@ void Connection::ReplyBatch(Request& req) {
       break;
     }
   }
-  fbb_.Clear();
+  // A Get over TCP continues the reply its blocks were read into (HandleGet).
+  const bool inline_get = req.inline_data && req.reply != nullptr;
+  flatbuffers::FlatBufferBuilder& fbb = inline_get ? *req.reply : fbb_;
+  if (inline_get) {
+    for (size_t i = 0; i < req.outcomes.size(); ++i) {
+      if (!req.outcomes[i].ok()) std::memset(req.inline_out + i * block_bytes_, 0, block_bytes_);
+    }
+    req.inline_out = nullptr;  // the builder may move it from here on
+  } else {
+    fbb.Clear();
+  }
   flatbuffers::Offset<flatbuffers::Vector<flatbuffers::Offset<wire::Outcome>>> members;
   if (!first.ok()) {
     std::vector<flatbuffers::Offset<wire::Outcome>> offsets;
     offsets.reserve(req.outcomes.size());
-    for (const Status& s : req.outcomes) offsets.push_back(wire::ToWire(fbb_, s));
-    members = fbb_.CreateVector(offsets);
+    for (const Status& s : req.outcomes) offsets.push_back(wire::ToWire(fbb, s));
+    members = fbb.CreateVector(offsets);
   }
-  flatbuffers::Offset<flatbuffers::Vector<uint8_t>> data;
-  if (req.inline_data) {
-    for (size_t i = 0; i < req.outcomes.size(); ++i) {
-      if (!req.outcomes[i].ok()) {
-        std::memset(req.data.data() + i * block_bytes_, 0, block_bytes_);
-      }
-    }
-    data = fbb_.CreateVector(req.data);
+  auto o = wire::ToWire(fbb, first);
+  fbb.Finish(wire::CreateBatchReply(fbb, o, members, inline_get ? req.inline_vector : 0));
+  if (inline_get) {
+    QueueReply(static_cast<wire::Opcode>(req.opcode), req.id, req.opcode, req.arrival, -1,
+               std::move(req.reply));
+  } else {
+    QueueReply(static_cast<wire::Opcode>(req.opcode), req.id, req.opcode, req.arrival);
   }
-  auto o = wire::ToWire(fbb_, first);
-  fbb_.Finish(wire::CreateBatchReply(fbb_, o, members, data));
-  QueueReply(static_cast<wire::Opcode>(req.opcode), req.id, req.opcode, req.arrival);
 }
 
 void Connection::ReplyStatus(Request& req, wire::Opcode opcode, const Status& status) {
@@ -442,8 +452,25 @@ void Connection::SendError(uint64_t request_id, uint16_t opcode, const Status& s
   QueueReply(wire::Opcode::kError, request_id, opcode, t0);
 }
 
+std::unique_ptr<flatbuffers::FlatBufferBuilder> Connection::TakeBuilder() {
+  if (free_builders_.empty()) return std::make_unique<flatbuffers::FlatBufferBuilder>(1024);
+  std::unique_ptr<flatbuffers::FlatBufferBuilder> b = std::move(free_builders_.back());
+  free_builders_.pop_back();
+  b->Clear();
+  return b;
+}
+
+void Connection::GiveBuilder(std::unique_ptr<flatbuffers::FlatBufferBuilder> builder) {
+  // A few, and none that grew past a few blocks: more would only hold memory.
+  if (builder != nullptr && free_builders_.size() < 8 && builder->GetSize() <= (4u << 20)) {
+    free_builders_.push_back(std::move(builder));
+  }
+}
+
 void Connection::QueueReply(wire::Opcode opcode, uint64_t request_id, uint16_t latency_opcode,
-                            Clock::time_point t0, int fd) {
+                            Clock::time_point t0, int fd,
+                            std::unique_ptr<flatbuffers::FlatBufferBuilder> body) {
+  const flatbuffers::FlatBufferBuilder& fbb = body != nullptr ? *body : fbb_;
   if (closed_) return;
   server_.counters.RecordLatency(latency_opcode, Nanos(Clock::now() - t0));
   OutFrame frame;
@@ -454,9 +481,14 @@ void Connection::QueueReply(wire::Opcode opcode, uint64_t request_id, uint16_t l
   // Bodies are padded to 8 bytes (zeros after the FlatBuffer, which its verifier
   // allows), so that a client reading the stream into an 8-aligned buffer finds every
   // body 8-aligned, as FlatBuffers' 8-byte fields want.
-  const size_t body_bytes = fbb_.GetSize();
+  const size_t body_bytes = fbb.GetSize();
   const size_t padded_bytes = (body_bytes + 7) / 8 * 8;
-  frame.bytes.assign(wire::kHeaderBytes + padded_bytes, 0);
+  // `bytes`: the header, then the body (or, when the frame owns its builder, the
+  // padding only: the body goes from the builder), then the padding. Not zero-filled
+  // (FrameBytes): every byte is written below.
+  const size_t copied = body != nullptr ? 0 : body_bytes;
+  frame.bytes.resize(wire::kHeaderBytes + copied + padded_bytes - body_bytes);
+  std::memset(frame.bytes.data() + wire::kHeaderBytes + copied, 0, padded_bytes - body_bytes);
   wire::FrameHeader h;
   h.opcode = static_cast<uint16_t>(opcode);
   h.flags = wire::kFlagReply;
@@ -464,9 +496,13 @@ void Connection::QueueReply(wire::Opcode opcode, uint64_t request_id, uint16_t l
   h.request_id = request_id;
   wire::EncodeHeader(
       h, std::span<uint8_t, wire::kHeaderBytes>(frame.bytes.data(), wire::kHeaderBytes));
-  std::memcpy(frame.bytes.data() + wire::kHeaderBytes, fbb_.GetBufferPointer(), body_bytes);
+  if (body != nullptr) {
+    frame.body = std::move(body);
+  } else {
+    std::memcpy(frame.bytes.data() + wire::kHeaderBytes, fbb_.GetBufferPointer(), body_bytes);
+  }
   frame.fd = fd;
-  queued_bytes_ += frame.bytes.size();
+  queued_bytes_ += frame.size();
   out_.push_back(std::move(frame));
   if (queued_bytes_ > server_.options.max_buffered_reply_bytes) {
     server_.counters.slow_readers_cut++;
@@ -488,7 +524,7 @@ void Connection::WriteMore() {
     const bool with_fd = head.fd >= 0 && head.offset == 0;
     if (with_fd) {
       // The descriptor travels with the frame's first byte; this frame goes alone.
-      iov[iovs++] = {head.bytes.data(), head.bytes.size()};
+      iovs = head.AppendIov(iov, kMaxIov);
       std::memset(control, 0, sizeof(control));
       msg.msg_control = control;
       msg.msg_controllen = sizeof(control);
@@ -498,9 +534,10 @@ void Connection::WriteMore() {
       cmsg->cmsg_len = CMSG_LEN(sizeof(int));
       std::memcpy(CMSG_DATA(cmsg), &head.fd, sizeof(int));
     } else {
-      for (auto it = out_.begin(); it != out_.end() && iovs < kMaxIov; ++it) {
+      for (auto it = out_.begin(); it != out_.end() && iovs + OutFrame::kMaxSegments <= kMaxIov;
+           ++it) {
         if (it != out_.begin() && it->fd >= 0) break;
-        iov[iovs++] = {it->bytes.data() + it->offset, it->bytes.size() - it->offset};
+        iovs += it->AppendIov(iov + iovs, kMaxIov - iovs);
       }
     }
     msg.msg_iov = iov;
@@ -528,7 +565,7 @@ void Connection::WriteMore() {
     while (left > 0) {
       OutFrame& f = out_.front();
       f.fd = -1;
-      const size_t rest = f.bytes.size() - f.offset;
+      const size_t rest = f.size() - f.offset;
       if (left < rest) {
         f.offset += left;
         break;
@@ -538,10 +575,39 @@ void Connection::WriteMore() {
         f.bytes.clear();
         free_buffers_.push_back(std::move(f.bytes));
       }
+      GiveBuilder(std::move(f.body));
       out_.pop_front();
     }
   }
   if (draining_) MaybeFinishDraining();
+}
+
+size_t Connection::OutFrame::size() const {
+  return bytes.size() + (body != nullptr ? body->GetSize() : 0);
+}
+
+int Connection::OutFrame::AppendIov(iovec* iov, int room) const {
+  // The segments: all of `bytes`; or its header, the builder's body, its padding.
+  std::span<const uint8_t> segments[kMaxSegments];
+  int count = 0;
+  if (body == nullptr) {
+    segments[count++] = {bytes.data(), bytes.size()};
+  } else {
+    segments[count++] = {bytes.data(), wire::kHeaderBytes};
+    segments[count++] = {body->GetBufferPointer(), body->GetSize()};
+    segments[count++] = {bytes.data() + wire::kHeaderBytes, bytes.size() - wire::kHeaderBytes};
+  }
+  int used = 0;
+  size_t skip = offset;
+  for (int i = 0; i < count && used < room; ++i) {
+    if (skip >= segments[i].size()) {
+      skip -= segments[i].size();
+      continue;
+    }
+    iov[used++] = {const_cast<uint8_t*>(segments[i].data() + skip), segments[i].size() - skip};
+    skip = 0;
+  }
+  return used;
 }
 
 void Connection::StartDraining() {

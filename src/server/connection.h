@@ -14,6 +14,8 @@
 #ifndef KVTIER_SERVER_CONNECTION_H_
 #define KVTIER_SERVER_CONNECTION_H_
 
+#include <sys/uio.h>
+
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -24,6 +26,7 @@
 #include <span>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "src/server/device_mapping.h"
@@ -65,8 +68,33 @@ class Connection : public std::enable_shared_from_this<Connection> {
  private:
   using Clock = std::chrono::steady_clock;
   struct Request;
+  // A reply frame's bytes: resized without zero-filling (QueueReply writes them all).
+  template <typename T>
+  struct NoInitAllocator : std::allocator<T> {
+    template <typename U>
+    struct rebind {
+      using other = NoInitAllocator<U>;
+    };
+    template <typename U>
+    void construct(U* p) noexcept {
+      ::new (static_cast<void*>(p)) U;
+    }
+    template <typename U, typename... Args>
+    void construct(U* p, Args&&... args) {
+      ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+    }
+  };
+  using FrameBytes = std::vector<uint8_t, NoInitAllocator<uint8_t>>;
   struct OutFrame {
-    std::vector<uint8_t> bytes;
+    static constexpr int kMaxSegments = 3;
+    // Bytes of the frame, and its iovecs from `offset` on (at most `room`): returns how
+    // many it wrote.
+    size_t size() const;
+    int AppendIov(iovec* iov, int room) const;
+
+    // The header and body; or, with `body`, the header then the body's padding.
+    FrameBytes bytes;
+    std::unique_ptr<flatbuffers::FlatBufferBuilder> body;  // a request's own (inline Get)
     size_t offset = 0;
     int fd = -1;  // sent with the frame's first byte (SCM_RIGHTS), not owned
   };
@@ -136,6 +164,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Complete(Request* req);
   // The reply of a request that went to the store or the workers, or failed before.
   void Reply(Request& req);
+  // GetToDevice: adds the bytes that landed to the daemon's counter.
+  void CountDirectBytes(const Request& req);
 
   // Replies.
   std::unique_ptr<Request> NewRequest();
@@ -143,9 +173,14 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void ReplyBatch(Request& req);
   void ReplyStatus(Request& req, wire::Opcode opcode, const Status& status);
   void SendError(uint64_t request_id, uint16_t opcode, const Status& status, Clock::time_point t0);
-  // Frames the finished fbb_ and queues it.
+  // Frames the finished fbb_ (or `body`, a request's own builder, which the frame then
+  // owns until it is sent: its bytes are not copied) and queues it.
   void QueueReply(wire::Opcode opcode, uint64_t request_id, uint16_t latency_opcode,
-                  Clock::time_point t0, int fd = -1);
+                  Clock::time_point t0, int fd = -1,
+                  std::unique_ptr<flatbuffers::FlatBufferBuilder> body = nullptr);
+  // Builders for the replies of inline Gets, reused.
+  std::unique_ptr<flatbuffers::FlatBufferBuilder> TakeBuilder();
+  void GiveBuilder(std::unique_ptr<flatbuffers::FlatBufferBuilder> builder);
   void WriteMore();
   // Stops reading; closes once nothing is in flight and every reply has been written
   // (or after kDrainTimeout).
@@ -186,7 +221,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   flatbuffers::FlatBufferBuilder fbb_;
   std::vector<std::unique_ptr<Request>> free_requests_;
-  std::vector<std::vector<uint8_t>> free_buffers_;
+  std::vector<FrameBytes> free_buffers_;
+  std::vector<std::unique_ptr<flatbuffers::FlatBufferBuilder>> free_builders_;
 };
 
 }  // namespace kvtier::server

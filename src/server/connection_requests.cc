@@ -15,6 +15,9 @@ namespace {
 // inline Get whose reply could not be framed.
 constexpr uint64_t kReplyOverheadBytes = 4096;
 constexpr uint64_t kReplyBytesPerMember = 64;
+// A Get (or GetToDevice) of at most this many block bytes whose blocks are all in the
+// host tier is served on the io thread (GetBatchInto).
+constexpr uint64_t kHereGetBytes = uint64_t{1} << 20;
 // Runners-up a Select may ask for (store_retrieval.h: kMaxPrefetchExtra).
 constexpr uint32_t kMaxRunnersUp = 64;
 
@@ -203,11 +206,17 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
   }
   const bool use_slots = nslots > 0;
   req->inline_data = !use_slots;
-  if (!use_slots) req->data.assign(uint64_t{n} * block_bytes_, 0);
+  if (!use_slots) {
+    // The reply's data vector first: nothing else is added to the builder until the
+    // store has written the blocks into it (ReplyBatch).
+    req->reply = TakeBuilder();
+    req->inline_vector =
+        req->reply->CreateUninitializedVector(uint64_t{n} * block_bytes_, &req->inline_out);
+  }
   GetBatchInto(std::move(req), get->keys(), use_slots ? n : 0,
                [&](Request& r, uint32_t i) -> void* {
                  return use_slots ? static_cast<void*>(staging_->slot(get->slots()->Get(i)))
-                                  : r.data.data() + uint64_t{i} * block_bytes_;
+                                  : r.inline_out + uint64_t{i} * block_bytes_;
                });
 }
 
@@ -223,6 +232,16 @@ void Connection::GetBatchInto(std::unique_ptr<Request> req,
     req->members.push_back(i);
   }
   const size_t members = req->reads.size();
+  // Small reads of blocks in the host tier are served here, on the io thread: the
+  // store's worker would cost two thread hand-offs, more than the copies themselves.
+  if (members > 0 && members * block_bytes_ <= kHereGetBytes) {
+    req->store_statuses.resize(members);
+    if (server_.store->GetBatchFromHost(req->reads, req->store_statuses)) {
+      CountDirectBytes(*req);
+      Reply(*req);
+      return Recycle(std::move(req));
+    }
+  }
   Request* r = BeginBatch(std::move(req), members, slots_named);
   if (r == nullptr) return;
   server_.store->GetBatchAsync(r->reads, r->store_statuses, [r](Status) { PostComplete(r); });
