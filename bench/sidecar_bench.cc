@@ -10,6 +10,14 @@
 // Throughput: `--clients` processes, each with `--depth` requests in flight on its own
 // connection, for `--seconds`: kvtierd Contains frames against redis GETs of a 5-byte
 // value (RESP), the same clients and depth (skipped with --no-throughput).
+// Data plane (skipped with --no-data-plane), a second kvtierd holding everything in its
+// host tier (write-back, so no disk traffic), Llama-3-8B blocks of 512 KiB:
+//   - shared memory: PutBatch and GetBatch of `--batch` blocks (a layer's worth, as an
+//     engine moves them) through a sidecar client on the Unix socket, against the same
+//     calls on an embedded store of the same options in this process;
+//   - TCP (inline bytes): Get of one block per request over loopback, 1 and 4 clients
+//     (threads, a connection each), against redis-server GETs of 512 KiB values over
+//     loopback TCP with the same clients (skipped when redis-server is missing).
 // GPU tier misses (skipped with --no-gpu-tier): Acquire of `--tier-batch` blocks none of
 // which is resident (an emulated GPU tier of that many blocks; the sets rotate over 4x
 // as many blocks, all in the host tier), per block: through a sidecar client (its own
@@ -18,7 +26,10 @@
 // (the floor of an emulated copy).
 #include "bench/sidecar_bench.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -26,6 +37,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -61,6 +73,8 @@ struct SidecarConfig {
   bool throughput = true;  // false: the round trips only
   bool gpu_tier = true;    // false: no GPU-tier misses
   uint32_t tier_batch = 16;
+  bool data_plane = true;  // false: no shared-memory / TCP block transfers
+  uint32_t batch = 32;     // blocks per PutBatch / GetBatch (shared memory)
   bool json = false;
 };
 
@@ -407,6 +421,246 @@ double MemcpyPerBlock(uint64_t block_bytes, uint32_t batch, uint32_t rounds) {
   return dst[block_bytes / 2] == 1 ? Median(us) : 0;
 }
 
+// --- The data plane: 512 KiB blocks -----------------------------------------------
+
+struct Gbps {
+  double put = 0;
+  double get = 0;
+};
+
+// Fills blocks (distinct, never all zeros) for keys block 0..n-1 of `sequence`.
+std::vector<std::vector<uint8_t>> MakeBlocks(uint64_t block_bytes, uint32_t n) {
+  std::vector<std::vector<uint8_t>> blocks(n, std::vector<uint8_t>(block_bytes));
+  for (uint32_t b = 0; b < n; ++b) {
+    for (uint64_t i = 0; i < block_bytes; ++i) {
+      blocks[b][i] = static_cast<uint8_t>(i * 131 + b * 7 + 1);
+    }
+  }
+  return blocks;
+}
+
+// PutBatch then GetBatch of `batch` blocks at a time over a working set of 4 * batch
+// blocks (namespace `ns`), `rounds` batches each way; GB/s of block bytes (0 on a
+// failure or wrong bytes).
+Gbps MoveBatches(Store& store, uint32_t ns, uint32_t batch, uint32_t rounds) {
+  const uint64_t bb = store.block_bytes();
+  const SequenceId sequence{0, 88};
+  const uint32_t set = 4 * batch;
+  const std::vector<std::vector<uint8_t>> blocks = MakeBlocks(bb, set);
+  std::vector<std::vector<uint8_t>> out(batch, std::vector<uint8_t>(bb));
+  std::vector<BlockWrite> writes(batch);
+  std::vector<BlockRead> reads(batch);
+  std::vector<Status> statuses(batch);
+  auto run = [&](bool put, uint32_t r) {
+    for (uint32_t i = 0; i < batch; ++i) {
+      const uint32_t b = (r % 4) * batch + i;
+      const BlockKey key{ns, sequence, 0, b};
+      if (put) {
+        writes[i] = BlockWrite{key, blocks[b].data(), bb};
+      } else {
+        reads[i] = BlockRead{key, out[i].data(), bb};
+      }
+    }
+    return put ? store.PutBatch(writes, statuses) : store.GetBatch(reads, statuses);
+  };
+  for (uint32_t r = 0; r < 4; ++r) {
+    if (Status s = run(true, r); !s.ok()) {
+      std::fprintf(stderr, "sidecar: data plane: put: %s\n", s.ToString().c_str());
+      return {};
+    }
+  }
+  Gbps g;
+  for (const bool put : {true, false}) {
+    const auto t0 = Clock::now();
+    for (uint32_t r = 0; r < rounds; ++r) {
+      if (Status s = run(put, r); !s.ok()) {
+        std::fprintf(stderr, "sidecar: data plane: %s: %s\n", put ? "put" : "get",
+                     s.ToString().c_str());
+        return {};
+      }
+    }
+    const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    (put ? g.put : g.get) = static_cast<double>(uint64_t{rounds} * batch * bb) / seconds / 1e9;
+  }
+  // The last round's bytes are the blocks that were put.
+  for (uint32_t i = 0; i < batch; ++i) {
+    if (out[i] != blocks[((rounds - 1) % 4) * batch + i]) {
+      std::fprintf(stderr, "sidecar: data plane: wrong bytes\n");
+      return {};
+    }
+  }
+  return g;
+}
+
+StoreOptions DataPlaneOptions(const fs::path& directory) {
+  StoreOptions o;
+  o.directory = directory.string();
+  o.host_capacity_bytes = uint64_t{256} << 20;
+  o.disk_capacity_bytes = uint64_t{256} << 20;
+  o.write_through = false;  // the working set stays in the host tier: no disk traffic
+  return o;
+}
+
+// Runs `clients` threads of `body() -> bytes`, released together; GB/s over all (0 when
+// one failed).
+template <typename Body>
+double ThreadClients(uint32_t clients, Body body) {
+  std::vector<uint64_t> bytes(clients, 0);
+  std::vector<std::thread> threads;
+  std::atomic<bool> go{false};
+  for (uint32_t i = 0; i < clients; ++i) {
+    threads.emplace_back([&, i] {
+      while (!go.load()) std::this_thread::yield();
+      bytes[i] = body(i);
+    });
+  }
+  const auto t0 = Clock::now();
+  go = true;
+  for (std::thread& t : threads) t.join();
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  uint64_t total = 0;
+  for (uint64_t b : bytes) {
+    if (b == 0) return 0;
+    total += b;
+  }
+  return static_cast<double>(total) / seconds / 1e9;
+}
+
+// One client over TCP: `gets` Gets of one block each (of the `set` blocks put in
+// namespace `ns`); the bytes moved, 0 on a failure or wrong bytes.
+uint64_t TcpGets(const std::string& address, const std::string& token, uint32_t ns,
+                 const ModelLayout& layout, const std::vector<std::vector<uint8_t>>& blocks,
+                 uint32_t gets, uint32_t offset) {
+  StoreOptions o;
+  o.sidecar.tcp_address = address;
+  o.sidecar.token = token;
+  o.sidecar.namespace_id = ns;
+  auto store = Store::Open(o, layout);
+  if (!store.ok()) {
+    std::fprintf(stderr, "sidecar: tcp: %s\n", store.status().ToString().c_str());
+    return 0;
+  }
+  const uint64_t bb = layout.BytesPerBlock();
+  std::vector<uint8_t> out(bb);
+  for (uint32_t g = 0; g < gets; ++g) {
+    const uint32_t b = (g + offset) % blocks.size();
+    if (Status s = (*store)->Get(BlockKey{ns, SequenceId{0, 89}, 0, b}, out.data(), bb); !s.ok()) {
+      std::fprintf(stderr, "sidecar: tcp: get: %s\n", s.ToString().c_str());
+      return 0;
+    }
+  }
+  return out == blocks[(gets - 1 + offset) % blocks.size()] ? uint64_t{gets} * bb : 0;
+}
+
+int ConnectTcp(uint16_t port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return -1;
+  }
+  const int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return fd;
+}
+
+// A loopback TCP port free now (bound to port 0, then released).
+uint16_t FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  uint16_t port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  close(fd);
+  return port;
+}
+
+bool WaitForPort(uint16_t port, double seconds) {
+  const auto deadline = Clock::now() + std::chrono::duration<double>(seconds);
+  while (Clock::now() < deadline) {
+    const int fd = ConnectTcp(port);
+    if (fd >= 0) {
+      close(fd);
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+// A RESP bulk string request of `args`.
+std::string Resp(const std::vector<std::string_view>& args) {
+  std::string r = "*" + std::to_string(args.size()) + "\r\n";
+  for (std::string_view a : args) {
+    r += "$" + std::to_string(a.size()) + "\r\n";
+    r += a;
+    r += "\r\n";
+  }
+  return r;
+}
+
+// Reads one RESP reply line ("+OK", "$524288", ...) without its CRLF.
+bool ReadLine(int fd, std::string* line) {
+  line->clear();
+  char c;
+  while (read(fd, &c, 1) == 1) {
+    if (c == '\n') {
+      if (!line->empty() && line->back() == '\r') line->pop_back();
+      return true;
+    }
+    *line += c;
+  }
+  return false;
+}
+
+// SETs redis key "b<i>" to blocks[i] for every block.
+bool RedisSetBlocks(uint16_t port, const std::vector<std::vector<uint8_t>>& blocks) {
+  const int fd = ConnectTcp(port);
+  if (fd < 0) return false;
+  bool ok = true;
+  std::string line;
+  for (size_t i = 0; i < blocks.size() && ok; ++i) {
+    const std::string key = "b" + std::to_string(i);
+    const std::string req =
+        Resp({"SET", key,
+              std::string_view(reinterpret_cast<const char*>(blocks[i].data()), blocks[i].size())});
+    ok = WriteAll(fd, req.data(), req.size()) && ReadLine(fd, &line) && line == "+OK";
+  }
+  close(fd);
+  return ok;
+}
+
+// One redis client: `gets` GETs of one block each; the bytes moved, 0 on a failure or
+// wrong bytes.
+uint64_t RedisGets(uint16_t port, const std::vector<std::vector<uint8_t>>& blocks, uint32_t gets,
+                   uint32_t offset) {
+  const int fd = ConnectTcp(port);
+  if (fd < 0) return 0;
+  const uint64_t bb = blocks[0].size();
+  std::vector<uint8_t> out(bb + 2);
+  std::string line;
+  for (uint32_t g = 0; g < gets; ++g) {
+    const uint32_t b = (g + offset) % blocks.size();
+    const std::string req = Resp({"GET", "b" + std::to_string(b)});
+    if (!WriteAll(fd, req.data(), req.size()) || !ReadLine(fd, &line) ||
+        line != "$" + std::to_string(bb) || !ReadAll(fd, out.data(), out.size())) {
+      close(fd);
+      return 0;
+    }
+  }
+  close(fd);
+  const auto& last = blocks[(gets - 1 + offset) % blocks.size()];
+  return std::equal(last.begin(), last.end(), out.begin()) ? uint64_t{gets} * bb : 0;
+}
+
 // --- Throughput ----------------------------------------------------------------------
 
 // Runs `clients` child processes of `body(deadline) -> replies`, released together;
@@ -605,6 +859,103 @@ int RunSidecarBench(const SidecarConfig& config) {
   }
   Stop(redis);
 
+  // The data plane, sides alternating, against a second daemon (everything in its host
+  // tier, write-back: no disk traffic) and an embedded store of the same options.
+  std::vector<double> shm_put, shm_get, emb_put, emb_get, tcp_1, tcp_4, redis_1, redis_4;
+  const uint32_t dp_rounds = 16, tcp_gets = 128, tcp_set = 64;
+  if (config.data_plane) {
+    const fs::path dp = dir / "data-plane";
+    fs::create_directories(dp);
+    const std::string dp_socket = (dp / "kvtierd.sock").string();
+    const std::string token = "kvtier-bench-token-0123456789";
+    const uint16_t kv_port = FreePort();
+    {
+      std::ofstream toml(dp / "kvtierd.toml");
+      toml << "[store]\ndirectory = \"" << (dp / "store").string()
+           << "\"\nhost_capacity = \"256MiB\"\ndisk_capacity = \"256MiB\"\n"
+           << "write_through = false\n[layout]\npreset = \"llama3-8b\"\n[server]\nsocket = \""
+           << dp_socket << "\"\ntcp_listen = \"127.0.0.1:" << kv_port
+           << "\"\n[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n"
+           << "[[namespace]]\nid = 0\nname = \"bench\"\nuids = [" << geteuid() << "]\ntokens = [\""
+           << token << "\"]\n";
+    }
+    const pid_t dp_daemon = Spawn({config.kvtierd, "--config", (dp / "kvtierd.toml").string()},
+                                  (dp / "kvtierd.log").string());
+    const bool up = WaitForSocket(dp_socket, 30) && WaitForPort(kv_port, 10);
+    if (!up) {
+      std::fprintf(stderr, "sidecar: the data-plane kvtierd did not come up; see %s\n",
+                   (dp / "kvtierd.log").c_str());
+    }
+    const std::string kv_address = "127.0.0.1:" + std::to_string(kv_port);
+    const uint16_t redis_port = FreePort();
+    pid_t dp_redis = -1;
+    const auto tcp_blocks = MakeBlocks(layout.BytesPerBlock(), tcp_set);
+    if (up && Executable(config.redis)) {
+      dp_redis = Spawn({config.redis, "--port", std::to_string(redis_port), "--bind", "127.0.0.1",
+                        "--save", "", "--appendonly", "no", "--dir", dp.string()},
+                       (dp / "redis.log").string());
+      if (!WaitForPort(redis_port, 10) || !RedisSetBlocks(redis_port, tcp_blocks)) {
+        std::fprintf(stderr, "sidecar: redis-server (tcp) did not come up; see %s\n",
+                     (dp / "redis.log").c_str());
+        Stop(dp_redis);
+        dp_redis = -1;
+      }
+    }
+    // The TCP side's blocks, put once through the Unix socket.
+    bool tcp_ready = false;
+    if (up) {
+      StoreOptions o;
+      o.sidecar.socket = dp_socket;
+      auto store = Store::Open(o, layout);
+      tcp_ready = store.ok();
+      for (uint32_t b = 0; tcp_ready && b < tcp_set; ++b) {
+        tcp_ready = (*store)
+                        ->Put(BlockKey{0, SequenceId{0, 89}, 0, b}, tcp_blocks[b].data(),
+                              tcp_blocks[b].size())
+                        .ok();
+      }
+    }
+    auto embedded = Store::Open(DataPlaneOptions(dp / "embedded"), layout);
+    if (!embedded.ok()) {
+      std::fprintf(stderr, "sidecar: embedded store: %s\n", embedded.status().ToString().c_str());
+    }
+    for (uint32_t rep = 0; up && embedded.ok() && tcp_ready && rep < config.reps; ++rep) {
+      StoreOptions o;
+      o.sidecar.socket = dp_socket;
+      o.sidecar.staging_blocks = 2 * config.batch;  // two chunks of a batch in flight
+      auto client = Store::Open(o, layout);
+      const Gbps shm = client.ok() ? MoveBatches(**client, 0, config.batch, dp_rounds) : Gbps{};
+      client = Status::Cancelled("closed");
+      const Gbps emb = MoveBatches(**embedded, 0, config.batch, dp_rounds);
+      shm_put.push_back(shm.put);
+      shm_get.push_back(shm.get);
+      emb_put.push_back(emb.put);
+      emb_get.push_back(emb.get);
+      for (const uint32_t clients : {1u, 4u}) {
+        const double kv = ThreadClients(clients, [&](uint32_t i) {
+          return TcpGets(kv_address, token, 0, layout, tcp_blocks, tcp_gets, i * 16);
+        });
+        const double rd = dp_redis > 0 ? ThreadClients(clients,
+                                                       [&](uint32_t i) {
+                                                         return RedisGets(redis_port, tcp_blocks,
+                                                                          tcp_gets, i * 16);
+                                                       })
+                                       : 0.0;
+        (clients == 1 ? tcp_1 : tcp_4).push_back(kv);
+        (clients == 1 ? redis_1 : redis_4).push_back(rd);
+      }
+      std::printf(
+          "rep %u data plane GB/s, batches of %u x 512 KiB: shm put %.2f get %.2f, embedded put "
+          "%.2f get %.2f; tcp get (1 block per request) 1 client %.2f (redis %.2f), 4 clients "
+          "%.2f (redis %.2f)\n",
+          rep, config.batch, shm.put, shm.get, emb.put, emb.get, tcp_1.back(), redis_1.back(),
+          tcp_4.back(), redis_4.back());
+    }
+    embedded = Status::Cancelled("closed");
+    Stop(dp_redis);
+    Stop(dp_daemon);
+  }
+
   // GPU tier misses, sides alternating.
   std::vector<double> tier_sidecar, tier_staging, tier_embedded, tier_memcpy;
   const uint32_t tier_rounds = 40;
@@ -647,8 +998,46 @@ int RunSidecarBench(const SidecarConfig& config) {
         "%.1f us (%.2fx), embedded %.1f us (%.2fx), memcpy %.1f us\n",
         t_side, t_side / t_copy, t_stage, t_stage / t_copy, t_emb, t_emb / t_copy, t_copy);
   }
+  const double sp = Median(shm_put), sg = Median(shm_get), ep = Median(emb_put),
+               eg = Median(emb_get);
+  const double t1 = Median(tcp_1), t4 = Median(tcp_4), r1 = Median(redis_1), r4 = Median(redis_4);
+  if (config.data_plane && ep > 0 && eg > 0) {
+    std::printf(
+        "  shared-memory data plane, batches of %u: put %.2f GB/s vs embedded %.2f: %.2fx; get "
+        "%.2f GB/s vs embedded %.2f: %.2fx (target >= 0.8x)\n",
+        config.batch, sp, ep, sp / ep, sg, eg, sg / eg);
+    if (r1 > 0 && r4 > 0) {
+      std::printf(
+          "  tcp get of 512 KiB: 1 client %.2f GB/s vs redis %.2f: %.2fx; 4 clients %.2f vs "
+          "%.2f: %.2fx (target >= 1x)\n",
+          t1, r1, t1 / r1, t4, r4, t4 / r4);
+    }
+  }
   if (config.json) {
     JsonLine j;
+    // The issue's names first (contains: through the client library, what an engine
+    // sees; raw_uds: the blocking ping-pong; tcp: 1 client, _4 for 4).
+    j.Add("contains_p50_us", l50);
+    j.Add("contains_p99_us", l99);
+    j.Add("raw_uds_p50_us", p50);
+    j.Add("raw_uds_p99_us", p99);
+    j.Add("rtt_p50_ratio", p50 > 0 ? l50 / p50 : 0.0);
+    j.Add("rtt_p99_ratio", p99 > 0 ? l99 / p99 : 0.0);
+    j.Add("pipelined_ops_per_s", s_rps);
+    j.Add("redis_pipelined_ops_per_s", r_rps);
+    j.Add("pipelined_ratio_redis", r_rps > 0 ? s_rps / r_rps : 0.0);
+    j.Add("shm_put_gbps", sp);
+    j.Add("shm_get_gbps", sg);
+    j.Add("embedded_put_gbps", ep);
+    j.Add("embedded_get_gbps", eg);
+    j.Add("shm_put_ratio", ep > 0 ? sp / ep : 0.0);
+    j.Add("shm_get_ratio", eg > 0 ? sg / eg : 0.0);
+    j.Add("tcp_get_gbps", t1);
+    j.Add("redis_get_gbps", r1);
+    j.Add("tcp_get_ratio_redis", r1 > 0 ? t1 / r1 : 0.0);
+    j.Add("tcp_get_gbps_4", t4);
+    j.Add("redis_get_gbps_4", r4);
+    j.Add("tcp_get_ratio_redis_4", r4 > 0 ? t4 / r4 : 0.0);
     j.Add("bench", "sidecar");
     j.Add("reps", config.reps);
     j.Add("round_trips", config.round_trips);
@@ -677,6 +1066,7 @@ int RunSidecarBench(const SidecarConfig& config) {
   std::error_code ec;
   fs::remove_all(dir, ec);
   const bool ok = w50 > 0 && l50 > 0 && (s_rps > 0 || !config.throughput) &&
+                  (!config.data_plane || (sp > 0 && sg > 0 && ep > 0 && eg > 0 && t1 > 0)) &&
                   (!config.gpu_tier || (t_side > 0 && t_stage > 0 && t_emb > 0 && t_copy > 0));
   return ok ? 0 : 1;
 }
@@ -712,6 +1102,11 @@ void AddSidecarCommand(CLI::App& app, int* exit_code) {
   cmd->add_flag("!--no-throughput", config->throughput,
                 "Measure the round trips only (ping-pong, raw frames, client library)");
   cmd->add_flag("!--no-gpu-tier", config->gpu_tier, "Skip the GPU-tier misses");
+  cmd->add_flag("!--no-data-plane", config->data_plane,
+                "Skip the 512 KiB transfers (shared memory, TCP)");
+  cmd->add_option("--batch", config->batch, "Blocks per PutBatch / GetBatch (shared memory)")
+      ->check(CLI::Range(1u, 128u))
+      ->capture_default_str();
   cmd->add_option("--tier-batch", config->tier_batch, "Blocks per Acquire (GPU-tier misses)")
       ->capture_default_str()
       ->check(CLI::Range(1u, 256u));
