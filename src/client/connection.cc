@@ -18,6 +18,7 @@
 
 #include "src/server/protocol/codec.h"
 #include "src/server/protocol/kvtier_generated.h"
+#include "src/util/fd.h"
 
 namespace kvtier::client {
 namespace {
@@ -328,16 +329,8 @@ Status Connection::Send(wire::Opcode opcode, uint64_t request_id, std::span<cons
     msghdr msg{};
     msg.msg_iov = rest;
     msg.msg_iovlen = count;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-    if (fd >= 0 && skip == 0) {
-      msg.msg_control = control;
-      msg.msg_controllen = sizeof(control);
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    }
+    FdControl control;
+    if (fd >= 0 && skip == 0) AttachFd(&msg, &control, fd);
     const ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;

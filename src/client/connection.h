@@ -45,8 +45,6 @@ class Connection {
   // descriptor `fd` attached to its first byte (SCM_RIGHTS; Unix socket only) unless it
   // is -1. Errors: Unavailable when the connection is broken or shut down.
   Status Send(wire::Opcode opcode, uint64_t request_id, std::span<const uint8_t> body, int fd = -1);
-  // Whether the peer is on this host (a Unix socket): descriptors can be sent.
-  bool local() const { return peer_.starts_with("unix:"); }
 
   // Reads the next reply frame; `body` is resized to its body. Errors: Unavailable when
   // the connection is closed or broken, InvalidArgument for a frame that cannot be

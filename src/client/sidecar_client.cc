@@ -229,14 +229,11 @@ Status SidecarClient::CallOn(wire::Opcode opcode, std::span<const uint8_t> body,
 // --- The direct path to the client's GPU tier ----------------------------------------
 
 Status SidecarClient::RegisterDevice(const flatbuffers::FlatBufferBuilder& request, int fd) {
-  std::shared_ptr<const int> held;
+  std::shared_ptr<const UniqueFd> held;
   if (fd >= 0) {
     const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (copy < 0) return Status::FromErrno(errno, "dup of the GPU tier's memfd");
-    held = std::shared_ptr<const int>(new int(copy), [](const int* p) {
-      ::close(*p);
-      delete p;
-    });
+    held = std::make_shared<const UniqueFd>(copy);
   }
   uint64_t generation = 0;
   {
@@ -261,12 +258,16 @@ void SidecarClient::UnregisterDevice() {
 
 uint64_t SidecarClient::device_generation() const {
   MutexLock lock(&mu_);
-  return connection_ != nullptr && device_generation_ == generation_ ? device_generation_ : 0;
+  return DirectDeviceLocked() ? device_generation_ : 0;
+}
+
+bool SidecarClient::DirectDeviceLocked() const {
+  return connection_ != nullptr && device_generation_ == generation_;
 }
 
 Status SidecarClient::SendRegistration(uint64_t generation, bool wait) {
   std::vector<uint8_t> request;
-  std::shared_ptr<const int> fd;
+  std::shared_ptr<const UniqueFd> fd;
   {
     MutexLock lock(&mu_);
     if (device_request_.empty()) return Status::OK();
@@ -291,7 +292,7 @@ Status SidecarClient::SendRegistration(uint64_t generation, bool wait) {
     }
     return status;
   };
-  const int raw_fd = fd != nullptr ? *fd : -1;
+  const int raw_fd = fd != nullptr ? fd->get() : -1;  // `fd` keeps it open until sent
   if (wait) {
     // CallOn hands `parse` replies only; a failure to get one is recorded here.
     Status s = CallOn(
@@ -306,7 +307,7 @@ Status SidecarClient::SendRegistration(uint64_t generation, bool wait) {
   }
   Send(
       wire::Opcode::kRegisterDevice, request,
-      [record, fd](Status status, std::span<const uint8_t> body) { (void)record(status, body); },
+      [record](Status status, std::span<const uint8_t> body) { (void)record(status, body); },
       generation, /*caller_waits=*/false, raw_fd);
   return Status::OK();
 }
@@ -843,7 +844,7 @@ SidecarStatus SidecarClient::status() const {
   s.shared_memory = shared_memory_;
   s.staging_blocks = shared_memory_ ? total_slots_ : 0;
   s.requests_in_flight = pending_.size();
-  s.direct_device = connection_ != nullptr && device_generation_ == generation_;
+  s.direct_device = DirectDeviceLocked();
   s.direct_device_error = device_error_;
   return s;
 }

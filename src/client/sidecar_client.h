@@ -52,6 +52,7 @@
 #include "kvtier/store.h"
 #include "src/client/connection.h"
 #include "src/server/protocol/kvtier_generated.h"
+#include "src/util/fd.h"
 #include "src/util/mutex.h"
 
 namespace kvtier::client {
@@ -160,6 +161,8 @@ class SidecarClient {
   Status CallOn(wire::Opcode opcode, std::span<const uint8_t> body,
                 const std::function<Status(std::span<const uint8_t>)>& parse, uint64_t generation,
                 int fd) KVTIER_EXCLUDES(mu_);
+  // Whether the registration is in effect on the current connection.
+  bool DirectDeviceLocked() const KVTIER_REQUIRES(mu_);
   // Sends the device registration on connection `generation`; its reply records the
   // outcome. `wait`: returns it (else OK at once).
   Status SendRegistration(uint64_t generation, bool wait) KVTIER_EXCLUDES(mu_);
@@ -244,10 +247,10 @@ class SidecarClient {
   std::string last_error_ KVTIER_GUARDED_BY(mu_);
   std::string daemon_version_ KVTIER_GUARDED_BY(mu_);
   bool shared_memory_ KVTIER_GUARDED_BY(mu_) = false;
-  // The device registration (empty: none), its descriptor (owned; -1: none), the
+  // The device registration (empty: none), its descriptor (a duplicate, owned), the
   // generation it is in effect on, and why it was last refused.
   std::vector<uint8_t> device_request_ KVTIER_GUARDED_BY(mu_);
-  std::shared_ptr<const int> device_fd_ KVTIER_GUARDED_BY(mu_);  // closed with the last holder
+  std::shared_ptr<const UniqueFd> device_fd_ KVTIER_GUARDED_BY(mu_);  // null: none
   uint64_t device_generation_ KVTIER_GUARDED_BY(mu_) = 0;
   std::string device_error_ KVTIER_GUARDED_BY(mu_);
 

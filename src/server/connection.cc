@@ -519,20 +519,13 @@ void Connection::WriteMore() {
     struct iovec iov[kMaxIov];
     int iovs = 0;
     msghdr msg{};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    FdControl control;
     OutFrame& head = out_.front();
     const bool with_fd = head.fd >= 0 && head.offset == 0;
     if (with_fd) {
       // The descriptor travels with the frame's first byte; this frame goes alone.
       iovs = head.AppendIov(iov, kMaxIov);
-      std::memset(control, 0, sizeof(control));
-      msg.msg_control = control;
-      msg.msg_controllen = sizeof(control);
-      cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-      cmsg->cmsg_level = SOL_SOCKET;
-      cmsg->cmsg_type = SCM_RIGHTS;
-      cmsg->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(cmsg), &head.fd, sizeof(int));
+      AttachFd(&msg, &control, head.fd);
     } else {
       for (auto it = out_.begin(); it != out_.end() && iovs + OutFrame::kMaxSegments <= kMaxIov;
            ++it) {

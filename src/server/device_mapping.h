@@ -22,26 +22,11 @@
 
 #include "kernels/cuda_runtime.h"
 #include "kvtier/status.h"
+#include "src/util/fd.h"
 
 namespace kvtier::server {
 
-// An owned file descriptor (-1: none); closed with the object.
-class UniqueFd {
- public:
-  UniqueFd() = default;
-  explicit UniqueFd(int fd) : fd_(fd) {}
-  ~UniqueFd() { Reset(); }
-  UniqueFd(UniqueFd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  UniqueFd& operator=(UniqueFd&& other) noexcept;
-  UniqueFd(const UniqueFd&) = delete;
-  UniqueFd& operator=(const UniqueFd&) = delete;
-
-  int get() const { return fd_; }
-  void Reset();
-
- private:
-  int fd_ = -1;
-};
+using kvtier::UniqueFd;
 
 class DeviceMapping {
  public:
