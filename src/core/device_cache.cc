@@ -520,68 +520,58 @@ DeviceCache::Load* DeviceCache::NewLoadLocked(bool prefetch) {
 
 void DeviceCache::RecycleLoadLocked(Load* load) { spare_loads_.push_back(load); }
 
-// Without the lock: pins the load's blocks in host memory and submits their copy. With
-// `partial`, blocks the source cannot pin move to `failed` and the rest go on.
+// Without the lock: has the source copy the load's blocks in (FillDevice), or pins them
+// in host memory and submits their copy. With `partial`, blocks the source cannot
+// provide move to `failed` and the rest go on.
 Status DeviceCache::Fetch(Load& load, bool partial) {
+  const size_t n = load.keys.size();
   load.destinations.clear();
   for (SlotId slot : load.slots) load.destinations.push_back(pool_->SlotData(slot));
-  load.statuses.assign(load.keys.size(), Status::OK());
+  load.statuses.assign(n, Status::OK());
   load.host.clear();
+  // Direct: landed already, nothing to copy, no host pin to return, and load.event
+  // (fresh, or a recycled load's, which has run) reads as complete.
   load.direct = source_->FillDevice(load.keys, load.destinations, load.statuses);
-  if (load.direct) {
-    // Landed already: nothing to copy, no host pin to return, and load.event (fresh, or
-    // a recycled load's, which has run) reads as complete.
-    if (!partial) {
-      for (const Status& s : load.statuses) {
-        if (!s.ok()) return s;
-      }
+  if (!load.direct) {
+    load.host.assign(n, HostBlockRef{});
+    if (partial) {
+      (void)PinHostEach(*source_, load.keys, load.host, load.statuses);
+    } else if (Status status = source_->PinHost(load.keys, load.host); !status.ok()) {
+      return status;
     }
-    size_t kept = 0;
-    for (size_t i = 0; i < load.keys.size(); ++i) {
-      if (!load.statuses[i].ok()) {
-        load.failed.push_back(load.slots[i]);
-        continue;
-      }
-      load.keys[kept] = load.keys[i];
-      load.slots[kept] = load.slots[i];
-      load.generations[kept] = load.generations[i];
-      ++kept;
+  }
+  if (!partial) {
+    for (const Status& s : load.statuses) {
+      if (!s.ok()) return s;
     }
-    load.keys.resize(kept);
-    load.slots.resize(kept);
-    load.generations.resize(kept);
+  }
+  size_t kept = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!load.statuses[i].ok()) {
+      load.failed.push_back(load.slots[i]);
+      continue;
+    }
+    load.keys[kept] = load.keys[i];
+    load.slots[kept] = load.slots[i];
+    load.generations[kept] = load.generations[i];
+    if (!load.direct) load.host[kept] = load.host[i];
+    ++kept;
+  }
+  load.keys.resize(kept);
+  load.slots.resize(kept);
+  load.generations.resize(kept);
+  if (load.direct || kept == 0) {
+    load.host.clear();
     return Status::OK();
   }
-  load.host.assign(load.keys.size(), HostBlockRef{});
-  Status status = source_->PinHost(load.keys, load.host);
-  if (!status.ok()) {
-    if (!partial || load.keys.size() == 1) return status;
-    size_t kept = 0;
-    for (size_t i = 0; i < load.keys.size(); ++i) {
-      HostBlockRef ref;
-      if (!source_->PinHost({&load.keys[i], 1}, {&ref, 1}).ok()) {
-        load.failed.push_back(load.slots[i]);
-        continue;
-      }
-      load.keys[kept] = load.keys[i];
-      load.slots[kept] = load.slots[i];
-      load.generations[kept] = load.generations[i];
-      load.host[kept] = ref;
-      ++kept;
-    }
-    load.keys.resize(kept);
-    load.slots.resize(kept);
-    load.generations.resize(kept);
-    load.host.resize(kept);
-    if (kept == 0) return Status::OK();
-  }
+  load.host.resize(kept);
   load.ops.clear();
   for (size_t i = 0; i < load.keys.size(); ++i) {
     load.ops.push_back(CopyOp{.src = load.host[i].data,
                               .dst = pool_->SlotData(load.slots[i]),
                               .bytes = pool_->block_bytes()});
   }
-  status = engine_->CopyToDevice(load.ops, &load.event);
+  const Status status = engine_->CopyToDevice(load.ops, &load.event);
   if (!status.ok()) {
     (void)load.event.Wait();  // whatever was submitted has run: the host pins can go
     source_->UnpinHost(load.keys, load.host);
@@ -1223,6 +1213,16 @@ Status DeviceCache::Validate() const {
 }
 
 // --- Helpers for the stores that own a cache -------------------------------------------
+
+Status PinHostEach(BlockSource& source, std::span<const BlockKey> keys,
+                   std::span<HostBlockRef> blocks, std::span<Status> statuses) {
+  const Status all = source.PinHost(keys, blocks);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    statuses[i] =
+        all.ok() || keys.size() == 1 ? all : source.PinHost({&keys[i], 1}, {&blocks[i], 1});
+  }
+  return all;
+}
 
 DeviceCacheOptions DeviceCacheOptionsFor(const RetrievalOptions& r) {
   DeviceCacheOptions o;

@@ -124,6 +124,12 @@ class BlockSource {
   }
 };
 
+// PinHost of `keys` together and, when that fails, of each alone: statuses[i] says
+// whether keys[i]'s block is pinned (blocks[i] then holds it), for callers that go on
+// with the blocks that could be pinned. Returns the together call's status.
+Status PinHostEach(BlockSource& source, std::span<const BlockKey> keys,
+                   std::span<HostBlockRef> blocks, std::span<Status> statuses);
+
 struct DeviceCacheOptions {
   // Default: kScoreDecay.
   ReplacementPolicy policy = ReplacementPolicy::kScoreDecay;

@@ -456,13 +456,7 @@ void Connection::CopyToCudaPool(EmbeddedStore& store, Request& r, uint64_t block
   BlockSource& source = store.host_block_source();
   const size_t n = r.device_keys.size();
   r.host_blocks.assign(n, HostBlockRef{});
-  const Status all = source.PinHost(r.device_keys, r.host_blocks);
-  if (!all.ok()) {
-    for (size_t i = 0; i < n; ++i) {
-      r.store_statuses[i] =
-          n == 1 ? all : source.PinHost({&r.device_keys[i], 1}, {&r.host_blocks[i], 1});
-    }
-  }
+  (void)PinHostEach(source, r.device_keys, r.host_blocks, r.store_statuses);
   // Compact to the pinned members: their sources, offsets, keys and refs.
   size_t pinned = 0;
   for (size_t i = 0; i < n; ++i) {
