@@ -404,7 +404,7 @@ void Connection::ReplyBatch(Request& req) {
     }
   }
   // A Get over TCP continues the reply its blocks were read into (HandleGet).
-  const bool inline_get = req.inline_data && req.reply != nullptr;
+  const bool inline_get = req.reply != nullptr;
   flatbuffers::FlatBufferBuilder& fbb = inline_get ? *req.reply : fbb_;
   if (inline_get) {
     for (size_t i = 0; i < req.outcomes.size(); ++i) {

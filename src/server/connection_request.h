@@ -32,11 +32,10 @@ struct Connection::Request {
   std::vector<Status> store_statuses;  // one per write / read
   std::vector<uint32_t> members;       // write / read i is key members[i]
   std::vector<Status> outcomes;        // one per key
-  std::vector<uint8_t> data;           // inline block bytes (Put, IndexBlock)
-  bool inline_data = false;
-  // Get over TCP: the reply, begun with its data vector (`inline_out`, `inline_vector`),
-  // into which the store copies the blocks; the builder then goes out with the frame, so
-  // the blocks' bytes are copied once in the daemon (Connection::TakeBuilder).
+  std::vector<uint8_t> data;           // inline block bytes (Put, IndexBlock); RegisterDevice's ids
+  // Get over TCP (null otherwise): the reply, begun with its data vector (`inline_out`,
+  // `inline_vector`), into which the store copies the blocks; the builder then goes out with the
+  // frame, so the blocks' bytes are copied once in the daemon (Connection::TakeBuilder).
   std::unique_ptr<flatbuffers::FlatBufferBuilder> reply;
   uint8_t* inline_out = nullptr;
   flatbuffers::Offset<flatbuffers::Vector<uint8_t>> inline_vector;
@@ -80,7 +79,6 @@ struct Connection::Request {
     members.clear();
     outcomes.clear();
     data.clear();
-    inline_data = false;
     inline_out = nullptr;
     inline_vector = 0;
     reply.reset();  // Recycle has given it back

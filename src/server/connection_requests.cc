@@ -205,7 +205,6 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
     return Recycle(std::move(req));
   }
   const bool use_slots = nslots > 0;
-  req->inline_data = !use_slots;
   if (!use_slots) {
     // The reply's data vector first: nothing else is added to the builder until the
     // store has written the blocks into it (ReplyBatch).
