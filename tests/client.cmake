@@ -4,6 +4,7 @@
 if(TARGET kvtier_server)
   add_executable(kvtier_client_tests
     client_store_test.cc
+    store_lend_test.cc
     client_reconnect_test.cc
     client_fake_daemon_test.cc
     client_device_test.cc)

@@ -25,13 +25,6 @@ struct SidecarClient::Chunk {
   std::vector<uint32_t> slots;
 };
 
-Status FirstFailure(std::span<const Status> statuses) {
-  for (const Status& s : statuses) {
-    if (!s.ok()) return s;
-  }
-  return Status::OK();
-}
-
 namespace {
 
 // Bytes of a frame besides its members (header, tables, vector lengths), generously.
@@ -146,6 +139,7 @@ void SidecarClient::Install(std::shared_ptr<Connection> connection) {
       connection_->staging() != nullptr ? connection_->staging_blocks() : options_.staging_blocks;
   free_slots_.clear();
   for (uint32_t i = total_slots_; i > 0; --i) free_slots_.push_back(i - 1);
+  lent_slots_ = 0;
   daemon_version_ = connection_->daemon_version();
   shared_memory_ = connection_->staging() != nullptr;
 }
@@ -321,14 +315,20 @@ Status SidecarClient::GetToDevice(std::span<const BlockKey> keys, std::span<cons
   auto key_vector = fbb.CreateVectorOfStructs(wire_keys);
   auto offset_vector = fbb.CreateVector(offsets.data(), offsets.size());
   fbb.Finish(wire::CreateGetToDeviceRequest(fbb, key_vector, offset_vector));
+  return CallBatch(wire::Opcode::kGetToDevice, fbb, statuses, generation);
+}
+
+Status SidecarClient::CallBatch(wire::Opcode opcode, const flatbuffers::FlatBufferBuilder& fbb,
+                                std::span<Status> statuses, uint64_t generation) {
+  const size_t n = statuses.size();
   const Status whole = CallOn(
-      wire::Opcode::kGetToDevice, std::span<const uint8_t>(fbb.GetBufferPointer(), fbb.GetSize()),
+      opcode, std::span<const uint8_t>(fbb.GetBufferPointer(), fbb.GetSize()),
       [&](std::span<const uint8_t> body) -> Status {
         const auto* reply = flatbuffers::GetRoot<wire::BatchReply>(body.data());
         const auto* members = reply->members();
         if (members != nullptr && members->size() != n) {
           return Status::Internal("kvtierd answered " + std::to_string(members->size()) +
-                                  " outcomes to a GetToDevice of " + std::to_string(n));
+                                  " outcomes to a batch of " + std::to_string(n));
         }
         const Status outcome = wire::FromWire(reply->outcome());
         for (size_t i = 0; i < n; ++i) {
@@ -341,6 +341,86 @@ Status SidecarClient::GetToDevice(std::span<const BlockKey> keys, std::span<cons
     for (Status& st : statuses) st = whole;
   }
   return FirstFailure(statuses);
+}
+
+// --- Staging slots lent to the caller ------------------------------------------------
+
+bool SidecarClient::TryLendLocked(uint32_t count, LentSlots* lent, Status* refused) {
+  if (stopping_) {
+    *refused = Status::Cancelled("the store is closing");
+  } else if (connection_ == nullptr) {
+    *refused = NotConnectedLocked();
+  } else if (!shared_memory_) {
+    *refused = Status::FailedPrecondition("kvtierd at " + connection_->peer() +
+                                          " is reached over TCP: there is no staging area");
+  } else if (count == 0 || count > total_slots_) {
+    *refused = Status::InvalidArgument(
+        "cannot lend " + std::to_string(count) + " staging slots: the staging area has " +
+        std::to_string(total_slots_) + " (SidecarOptions::staging_blocks); borrow fewer at once");
+  } else if (total_slots_ - lent_slots_ < count) {
+    *refused = Status::ResourceExhausted(
+        std::to_string(lent_slots_) + " of the staging area's " + std::to_string(total_slots_) +
+        " slots are lent out (BorrowedBlocks, PutBuffers not yet destroyed), " +
+        std::to_string(count) + " wanted: give some back first");
+  } else if (free_slots_.size() >= count) {
+    lent->connection = connection_;
+    lent->generation = generation_;
+    lent->slots.assign(free_slots_.end() - count, free_slots_.end());
+    free_slots_.resize(free_slots_.size() - count);
+    lent_slots_ += count;
+    FailStarvedLocked();
+  } else {
+    return false;  // chunks in flight hold the rest: they come back with their replies
+  }
+  return true;
+}
+
+Result<SidecarClient::LentSlots> SidecarClient::LendSlots(uint32_t count) {
+  LentSlots lent;
+  Status refused;
+  {
+    MutexLock lock(&mu_);
+    if (TryLendLocked(count, &lent, &refused)) {
+      if (!refused.ok()) return refused;
+      return lent;
+    }
+    ++waiters_;  // WaitUntil uncounts
+    ++slot_waiters_;
+  }
+  WaitUntil([&]() KVTIER_NO_THREAD_SAFETY_ANALYSIS {  // WaitUntil holds mu_
+    if (!TryLendLocked(count, &lent, &refused)) return false;
+    --slot_waiters_;
+    return true;
+  });
+  if (!refused.ok()) return refused;
+  return lent;
+}
+
+void SidecarClient::ReturnSlots(uint64_t generation, std::span<const uint32_t> slots) {
+  if (slots.empty()) return;
+  MutexLock lock(&mu_);
+  if (generation != generation_ || connection_ == nullptr) return;
+  lent_slots_ -= static_cast<uint32_t>(slots.size());
+  free_slots_.insert(free_slots_.end(), slots.begin(), slots.end());
+  if (!waiting_.empty()) dispatch_cv_.notify_one();
+  if (!waiting_.empty() || slot_waiters_ > 0) cv_.notify_all();
+}
+
+Status SidecarClient::SlotBatch(bool put, std::span<const BlockKey> keys,
+                                std::span<const uint32_t> slots, std::span<Status> statuses,
+                                uint64_t generation) {
+  const size_t n = keys.size();
+  flatbuffers::FlatBufferBuilder fbb(256 + n * (sizeof(wire::Key) + sizeof(uint32_t)));
+  std::vector<wire::Key> wire_keys(n);
+  for (size_t i = 0; i < n; ++i) wire_keys[i] = wire::ToWire(keys[i]);
+  auto key_vector = fbb.CreateVectorOfStructs(wire_keys);
+  auto slot_vector = fbb.CreateVector(slots.data(), slots.size());
+  if (put) {
+    fbb.Finish(wire::CreatePutRequest(fbb, key_vector, slot_vector));
+  } else {
+    fbb.Finish(wire::CreateGetRequest(fbb, key_vector, slot_vector));
+  }
+  return CallBatch(put ? wire::Opcode::kPut : wire::Opcode::kGet, fbb, statuses, generation);
 }
 
 void SidecarClient::Post(std::function<void()> fn) {
@@ -518,6 +598,7 @@ void SidecarClient::Pump() {
     auto chunk = std::make_shared<Chunk>();
     {
       MutexLock lock(&mu_);
+      FailStarvedLocked();
       if (!PumpableLocked()) return;
       std::shared_ptr<Transfer> t = waiting_.front();
       // Half the slots at most, and kChunkBytes, so that chunks of a big batch overlap.
@@ -633,10 +714,8 @@ void SidecarClient::OnChunkReply(const Chunk& chunk, const Status& status,
   MutexLock lock(&mu_);
   if (chunk.generation == generation_ && connection_ != nullptr) {
     for (uint32_t slot : chunk.slots) free_slots_.push_back(slot);
-    if (!waiting_.empty()) {
-      cv_.notify_all();
-      dispatch_cv_.notify_one();
-    }
+    if (!waiting_.empty()) dispatch_cv_.notify_one();
+    if (!waiting_.empty() || slot_waiters_ > 0) cv_.notify_all();
   }
   SettleLocked(chunk.transfer, n);
 }
@@ -671,22 +750,32 @@ void SidecarClient::Break(const Status& why) {
     if (why.code() != StatusCode::kCancelled) last_error_ = why.message();
     for (auto& [id, p] : pending_) failed.push_back(std::move(p));
     pending_.clear();
-    // Members not sent yet fail with the rest.
-    for (const std::shared_ptr<Transfer>& t : waiting_) {
-      size_t count = 0;
-      for (; t->next < t->size(); ++t->next) {
-        if (t->statuses[t->next].ok()) {
-          t->statuses[t->next] = why;
-          ++count;
-        }
-      }
-      SettleLocked(t, count);
-    }
-    waiting_.clear();
+    FailWaitingLocked(why);  // members not sent yet fail with the rest
     cv_.notify_all();
     dispatch_cv_.notify_all();
   }
   for (Pending& p : failed) p.handler(why, {});
+}
+
+void SidecarClient::FailWaitingLocked(const Status& why) {
+  for (const std::shared_ptr<Transfer>& t : waiting_) {
+    size_t count = 0;
+    for (; t->next < t->size(); ++t->next) {
+      if (t->statuses[t->next].ok()) {
+        t->statuses[t->next] = why;
+        ++count;
+      }
+    }
+    SettleLocked(t, count);
+  }
+  waiting_.clear();
+}
+
+void SidecarClient::FailStarvedLocked() {
+  if (waiting_.empty() || connection_ == nullptr || lent_slots_ < total_slots_) return;
+  FailWaitingLocked(Status::ResourceExhausted(
+      "every one of the staging area's " + std::to_string(total_slots_) +
+      " slots is lent out (BorrowedBlocks, PutBuffers not yet destroyed): give some back"));
 }
 
 void SidecarClient::Idle(const Connection& connection, uint64_t generation,

@@ -82,9 +82,6 @@ struct Transfer {
   const BlockKey& key(size_t i) const { return put ? writes[i].key : reads[i].key; }
 };
 
-// The outcome of every member: the first failure in member order, or OK.
-Status FirstFailure(std::span<const Status> statuses);
-
 class SidecarClient {
  public:
   // Connects to the daemon and performs the handshake, retrying a daemon that cannot be
@@ -136,6 +133,28 @@ class SidecarClient {
   Status GetToDevice(std::span<const BlockKey> keys, std::span<const uint64_t> offsets,
                      std::span<Status> statuses, uint64_t generation) KVTIER_EXCLUDES(mu_);
 
+  // Staging slots lent to a caller (Store::Borrow and Reserve; PROTOCOL.md, "Block
+  // bytes: the staging area"): slot indices on the connection of `generation`, whose
+  // mapping `connection` keeps alive (Connection::slot) after a reconnection too.
+  struct LentSlots {
+    std::shared_ptr<Connection> connection;
+    uint64_t generation = 0;
+    std::vector<uint32_t> slots;
+  };
+  // Takes `count` (> 0) free staging slots, waiting while chunks in flight hold them.
+  // Errors: FailedPrecondition without a staging area (a TCP connection); InvalidArgument
+  // for more slots than the area has; ResourceExhausted when the slots lent and not given
+  // back leave fewer than `count` (they would never come); Unavailable while
+  // disconnected; Cancelled once closing.
+  Result<LentSlots> LendSlots(uint32_t count) KVTIER_EXCLUDES(mu_);
+  // Gives lent slots back (each once). Those of an older connection went with it.
+  void ReturnSlots(uint64_t generation, std::span<const uint32_t> slots) KVTIER_EXCLUDES(mu_);
+  // A Put (`put`) or Get of keys[i]'s block from or into lent staging slot slots[i], on
+  // connection `generation`; statuses[i] gets each member's outcome (a failure of the
+  // whole request lands in every member). Returns FirstFailure.
+  Status SlotBatch(bool put, std::span<const BlockKey> keys, std::span<const uint32_t> slots,
+                   std::span<Status> statuses, uint64_t generation) KVTIER_EXCLUDES(mu_);
+
   SidecarStatus status() const;
 
  private:
@@ -161,6 +180,16 @@ class SidecarClient {
   Status CallOn(wire::Opcode opcode, std::span<const uint8_t> body,
                 const std::function<Status(std::span<const uint8_t>)>& parse, uint64_t generation,
                 int fd) KVTIER_EXCLUDES(mu_);
+  // Sends `fbb`, a request of `opcode` whose reply is a BatchReply of statuses.size()
+  // members, on connection `generation` and sets statuses from it. Returns FirstFailure.
+  Status CallBatch(wire::Opcode opcode, const flatbuffers::FlatBufferBuilder& fbb,
+                   std::span<Status> statuses, uint64_t generation) KVTIER_EXCLUDES(mu_);
+  // LendSlots' decision, under the lock: true when done (*lent filled, or *refused set).
+  bool TryLendLocked(uint32_t count, LentSlots* lent, Status* refused) KVTIER_REQUIRES(mu_);
+  // Fails the unsent members of the waiting transfers with `why`.
+  void FailWaitingLocked(const Status& why) KVTIER_REQUIRES(mu_);
+  // When every slot is lent out, the waiting transfers can never be sent: fails them.
+  void FailStarvedLocked() KVTIER_REQUIRES(mu_);
   // Whether the registration is in effect on the current connection.
   bool DirectDeviceLocked() const KVTIER_REQUIRES(mu_);
   // Sends the device registration on connection `generation`; its reply records the
@@ -240,6 +269,10 @@ class SidecarClient {
   std::deque<std::shared_ptr<Transfer>> waiting_ KVTIER_GUARDED_BY(mu_);  // members unsent
   // Chunks Pump took off waiting_ that are not yet in pending_ (being built and sent).
   uint32_t chunks_in_transit_ KVTIER_GUARDED_BY(mu_) = 0;
+  // Slots of the current connection lent out (LendSlots) and not given back.
+  uint32_t lent_slots_ KVTIER_GUARDED_BY(mu_) = 0;
+  // Callers of LendSlots waiting for slots: a slot coming free wakes them.
+  uint32_t slot_waiters_ KVTIER_GUARDED_BY(mu_) = 0;
   std::deque<std::function<void()>> completions_ KVTIER_GUARDED_BY(mu_);
   bool stopping_ KVTIER_GUARDED_BY(mu_) = false;     // threads: exit
   bool reader_done_ KVTIER_GUARDED_BY(mu_) = false;  // no handler will run any more

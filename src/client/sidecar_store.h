@@ -53,6 +53,9 @@ class SidecarStore final : public Store {
                      Completion done) override;
   void GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses,
                      Completion done) override;
+  Status Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
+                std::unique_ptr<BorrowedBlocks>* blocks) override;
+  Result<std::unique_ptr<PutBuffers>> Reserve(size_t count) override;
   Status IndexBlock(const BlockKey& key, const void* data, uint64_t bytes, uint32_t valid_tokens,
                     std::span<const float> token_scores) override;
   Result<SelectInfo> Select(uint32_t namespace_id, const SequenceId& sequence, uint32_t layer,

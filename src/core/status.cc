@@ -79,6 +79,13 @@ std::string Status::ToString() const {
   return s;
 }
 
+Status FirstFailure(std::span<const Status> statuses) {
+  for (const Status& s : statuses) {
+    if (!s.ok()) return s;
+  }
+  return Status::OK();
+}
+
 namespace internal {
 void DieOnBadResultAccess(const Status& status) {
   std::fprintf(stderr, "kvtier: value() of a failed Result: %s\n", status.ToString().c_str());

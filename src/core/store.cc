@@ -13,13 +13,6 @@
 namespace kvtier {
 namespace {
 
-Status FirstFailure(std::span<const Status> statuses) {
-  for (const Status& s : statuses) {
-    if (!s.ok()) return s;
-  }
-  return Status::OK();
-}
-
 // Slot ids for a batch: on the stack for small batches (one decode step's layers).
 class SlotArray {
  public:

@@ -120,6 +120,9 @@ struct EmbeddedStore::Impl {
   // (the read would wait for the disk); else serves every read.
   Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses,
                   bool host_only = false, bool* declined = nullptr);
+  // Store::Borrow (store_lend.cc).
+  Status Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
+                std::unique_ptr<BorrowedBlocks>* blocks);
 
   // How one member of a Get is served.
   struct ReadPlan {

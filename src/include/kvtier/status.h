@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -102,6 +103,10 @@ class [[nodiscard]] Status {
   StatusCode code_ = StatusCode::kOk;
   std::string message_;
 };
+
+// The outcome of a batch from its members' statuses: the first failure in member order,
+// or OK.
+Status FirstFailure(std::span<const Status> statuses);
 
 namespace internal {
 [[noreturn]] void DieOnBadResultAccess(const Status& status);

@@ -33,11 +33,13 @@
 #ifndef KVTIER_STORE_H_
 #define KVTIER_STORE_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <future>
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "kvtier/block_key.h"
 #include "kvtier/layout.h"
@@ -148,6 +150,53 @@ struct BlockRead {
   uint64_t bytes = 0;
 };
 
+// Blocks lent by Store::Borrow to be read in place: block(i) holds member i's bytes
+// (Store::block_bytes() of them), unchanged, until this object is destroyed, even when
+// the key is rewritten or deleted meanwhile. Each borrowed block holds memory that the
+// store cannot use for anything else until then (a host-tier slot, embedded; a staging
+// slot shared with kvtierd, as a sidecar client), so read (or copy) and let go soon.
+// Destroy it before the Store that lent it, on any thread.
+class BorrowedBlocks {
+ public:
+  virtual ~BorrowedBlocks() = default;
+  BorrowedBlocks(const BorrowedBlocks&) = delete;
+  BorrowedBlocks& operator=(const BorrowedBlocks&) = delete;
+
+  size_t size() const { return blocks_.size(); }
+  // Member i's bytes; empty when its status was not OK.
+  std::span<const std::byte> block(size_t i) const { return blocks_[i]; }
+
+ protected:
+  explicit BorrowedBlocks(size_t members) : blocks_(members) {}
+  std::vector<std::span<const std::byte>> blocks_;
+};
+
+// Buffers lent by Store::Reserve to be written in place, then put by Commit: the Put
+// side of BorrowedBlocks, for a caller that produces blocks (a gather, a copy from its
+// GPU) and would otherwise write them into its own memory for PutBatch to copy again.
+// Destroying it without Commit puts nothing. Destroy it before the Store; one thread at
+// a time.
+class PutBuffers {
+ public:
+  virtual ~PutBuffers() = default;
+  PutBuffers(const PutBuffers&) = delete;
+  PutBuffers& operator=(const PutBuffers&) = delete;
+
+  size_t size() const { return buffers_.size(); }
+  // Buffer i: Store::block_bytes() bytes to fill. Empty after Commit.
+  std::span<std::byte> buffer(size_t i) const { return buffers_[i]; }
+
+  // Puts buffer(i) under keys[i] for every i, as PutBatch does (keys and statuses of
+  // size(), else InvalidArgument and nothing is done; statuses[i] gets member i's
+  // outcome; returns the first failure). Once: the buffers are given back whatever the
+  // outcome, and a second Commit is FailedPrecondition.
+  virtual Status Commit(std::span<const BlockKey> keys, std::span<Status> statuses) = 0;
+
+ protected:
+  explicit PutBuffers(size_t members) : buffers_(members) {}
+  std::vector<std::span<std::byte>> buffers_;
+};
+
 class Store {
  public:
   // Runs once with the operation's outcome, on an internal thread.
@@ -237,6 +286,28 @@ class Store {
   virtual void GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses,
                              Completion done) = 0;
   std::future<Status> GetBatchAsync(std::span<const BlockRead> reads, std::span<Status> statuses);
+
+  // Gets keys' blocks without copying them into the caller's memory: *blocks lends them
+  // (BorrowedBlocks), set whenever statuses.size() == keys.size() (else
+  // InvalidArgument and nothing is done). statuses[i] gets member i's outcome, as in
+  // GetBatch; returns the first failure. Embedded, the blocks are pinned in the host
+  // tier where they are (promoted from disk first when needed): no copy at all. As a
+  // sidecar client over its Unix socket, kvtierd copies them into the staging area's
+  // slots, which are then lent: one copy, where GetBatch makes two. Over TCP the bytes
+  // arrive inline and are held in memory of the client's. Errors besides GetBatch's:
+  // when the blocks lent and not yet given back leave too little room, ResourceExhausted
+  // (a sidecar client's staging area holds SidecarOptions::staging_blocks) or Busy (an
+  // embedded store's host tier full of pinned slots, as for any Get or Put then);
+  // InvalidArgument for a batch larger than the staging area.
+  virtual Status Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
+                        std::unique_ptr<BorrowedBlocks>* blocks) = 0;
+  // Lends `count` (> 0) buffers to fill and Commit (PutBuffers). Embedded, they are
+  // memory of the store's own and Commit copies them into the host tier, as PutBatch
+  // does. As a sidecar client over its Unix socket they are staging slots, which
+  // kvtierd copies into its host tier at the Commit: one copy, where PutBatch makes two.
+  // Errors: InvalidArgument for 0 or more than the staging area holds; ResourceExhausted
+  // as Borrow; Unavailable while disconnected from the daemon.
+  virtual Result<std::unique_ptr<PutBuffers>> Reserve(size_t count) = 0;
 
   // --- Retrieval (kvtier/retrieval.h). FailedPrecondition unless options().retrieval
   // .enabled. ---
