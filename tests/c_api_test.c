@@ -4,8 +4,10 @@
  * operation is mirrored in a model of the counters kvtier_stats_get must report; block
  * contents are fresh pseudo-random bytes, compared byte by byte.
  *
- * Usage: kvtier_c_api_test [seed]. Exits 0 when every check passes; otherwise prints
- * the failed check, the seed and kvtier_last_error(), and exits 1.
+ * Usage: kvtier_c_api_test [seed [kvtierd [token]]]. With kvtierd (the Unix socket of a
+ * kvtierd serving the Llama-3-8B layout, or its "host:port"), the loan tests also run as
+ * that daemon's client, presenting `token` if given. Exits 0 when every check passes; otherwise
+ * prints the failed check, the seed and kvtier_last_error(), and exits 1.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -250,6 +252,59 @@ static void TestOpenErrors(const kvtier_layout* llama) {
   CHECK(store == NULL);
 }
 
+/* The loans' entry points given NULL where a pointer is required, or no buffers to
+ * reserve: an error code and a message naming the problem, the out-pointer reset to
+ * NULL, no crash, nothing lent. */
+static void TestLoanNullArguments(kvtier_store* store) {
+  kvtier_block_key k = Key(1, 0, 1, 0, 0);
+  int dummy = 0;
+  kvtier_borrowed* borrowed = (kvtier_borrowed*)&dummy;
+  kvtier_put_buffers* buffers = (kvtier_put_buffers*)&dummy;
+  const void* cdatas[1];
+  void* datas[1];
+  kvtier_code codes[1];
+
+  CHECK_CODE(kvtier_borrow(store, 1, &k, cdatas, codes, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("borrowed out-pointer");
+  CHECK_CODE(kvtier_borrow(NULL, 1, &k, cdatas, codes, &borrowed), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("null store");
+  CHECK(borrowed == NULL);
+  borrowed = (kvtier_borrowed*)&dummy;
+  CHECK_CODE(kvtier_borrow(store, 1, NULL, cdatas, codes, &borrowed), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("keys or datas");
+  CHECK(borrowed == NULL);
+  CHECK_CODE(kvtier_borrow(store, 1, &k, NULL, codes, &borrowed), KVTIER_INVALID_ARGUMENT);
+  CHECK(borrowed == NULL);
+  /* An empty borrow lends nothing, but a loan all the same. */
+  CHECK_OK(kvtier_borrow(store, 0, NULL, NULL, NULL, &borrowed));
+  CHECK(borrowed != NULL);
+  kvtier_borrowed_release(borrowed);
+  kvtier_borrowed_release(NULL);
+
+  CHECK_CODE(kvtier_reserve(store, 1, datas, NULL), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("buffers out-pointer");
+  CHECK_CODE(kvtier_reserve(NULL, 1, datas, &buffers), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("null store");
+  CHECK(buffers == NULL);
+  buffers = (kvtier_put_buffers*)&dummy;
+  CHECK_CODE(kvtier_reserve(store, 1, NULL, &buffers), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("null datas");
+  CHECK(buffers == NULL);
+  buffers = (kvtier_put_buffers*)&dummy;
+  CHECK_CODE(kvtier_reserve(store, 0, datas, &buffers), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("Reserve");
+  CHECK(buffers == NULL);
+  CHECK_CODE(kvtier_reserve(store, 0, NULL, &buffers), KVTIER_INVALID_ARGUMENT);
+  CHECK(buffers == NULL);
+  /* Absurdly many: refused, not attempted. */
+  buffers = (kvtier_put_buffers*)&dummy;
+  CHECK_CODE(kvtier_reserve(store, (size_t)-1 / 2, datas, &buffers), KVTIER_INVALID_ARGUMENT);
+  CHECK(buffers == NULL);
+  CHECK_CODE(kvtier_commit(NULL, &k, codes), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("null buffers");
+  kvtier_put_buffers_release(NULL);
+}
+
 /* Every entry point given NULL where a pointer is required: an error code, no crash. */
 static void TestNullArguments(kvtier_store* store, unsigned char* buf, uint64_t bytes) {
   kvtier_block_key k = Key(1, 0, 1, 0, 0);
@@ -285,6 +340,7 @@ static void TestNullArguments(kvtier_store* store, unsigned char* buf, uint64_t 
   CHECK_OK(kvtier_put_batch(store, 0, NULL, NULL, NULL));
   CHECK_OK(kvtier_get_batch(store, 0, NULL, NULL, NULL));
   kvtier_close(NULL);
+  TestLoanNullArguments(store);
 }
 
 /* The Llama-3-8B store: 64 MiB of host tier, 128 blocks of 512 KiB. */
@@ -887,6 +943,210 @@ static void TestAcquire(void) {
   for (b = 0; b < kBlocks; ++b) free(blocks[b]);
 }
 
+/* What TestLoans' store lends: embedded, host-tier slots; a kvtierd client over its Unix
+ * socket, kStagingBlocks staging slots (sidecar_staging_blocks); over TCP, memory of the
+ * client's own. */
+typedef enum Lender { kLendHostSlots, kLendStagingSlots, kLendClientMemory } Lender;
+enum { kStagingBlocks = 8 };
+
+/* What the store has lent and not had back: `lent` blocks. Embedded, each pins a host
+ * slot. A kvtierd client's loans are staging slots (the daemon's own host slots may be
+ * pinned by its disk writes): the rest of the area can be lent, not one more. */
+static void CheckLent(kvtier_store* store, Lender lender, uint32_t lent) {
+  kvtier_put_buffers* buffers = NULL;
+  void* datas[kStagingBlocks + 1];
+  kvtier_stats st;
+  if (lender == kLendHostSlots) {
+    CHECK_OK(kvtier_stats_get(store, &st));
+    CHECK(st.host_pinned_slots == lent);
+    return;
+  }
+  if (lender == kLendClientMemory) return; /* nothing to see */
+  CHECK(lent <= kStagingBlocks);
+  CHECK_CODE(kvtier_reserve(store, kStagingBlocks - lent + 1, datas, &buffers),
+             lent == 0 ? KVTIER_INVALID_ARGUMENT : KVTIER_RESOURCE_EXHAUSTED);
+  CHECK(buffers == NULL);
+  if (lent == kStagingBlocks) return;
+  CHECK_OK(kvtier_reserve(store, kStagingBlocks - lent, datas, &buffers));
+  kvtier_put_buffers_release(buffers);
+}
+
+/* Loans (kvtier_borrow, kvtier_reserve) of Llama-3-8B blocks from `o`'s store, embedded
+ * or a kvtierd's client (then the counters are the daemon's, shared, and only their
+ * growth is checked). Keys are in namespace `ns` and sequence `seq` (fresh per run). */
+static void TestLoans(const kvtier_options* o, const kvtier_layout* llama, Lender lender,
+                      uint32_t ns, uint64_t seq) {
+  enum { kN = 6, kMissing = 3, kReserved = 4 };
+  kvtier_store* store = NULL;
+  kvtier_borrowed* borrowed = NULL;
+  kvtier_put_buffers* buffers = NULL;
+  kvtier_stats before, st;
+  kvtier_block_key keys[kN], rkeys[kReserved], twice[2];
+  kvtier_code codes[kN];
+  const void* cdatas[kN];
+  void* datas[kN];
+  unsigned char *in[kN], *want[kReserved], *out;
+  uint64_t bytes;
+  uint32_t i, j;
+  int sentinel = 0;
+
+  CHECK_OK(kvtier_open(o, llama, &store));
+  bytes = kvtier_block_bytes(store);
+  CHECK(bytes == 524288);
+  out = Allocate(bytes);
+  /* A daemon may hold the blocks of an earlier run with the same seed. */
+  CHECK_OK(kvtier_drop_sequence(store, ns, 0xB0, seq, NULL));
+  CHECK_OK(kvtier_drop_sequence(store, ns, 0xC0, seq, NULL));
+  CHECK_OK(kvtier_stats_get(store, &before));
+
+  /* Blocks put as usual, then borrowed, with member kMissing never put. */
+  for (i = 0; i < kN; ++i) {
+    in[i] = Allocate(bytes);
+    FillRandom(in[i], bytes);
+    keys[i] = Key(ns, 0xB0, seq, i % 3, i);
+    if (i != kMissing) CHECK_OK(kvtier_put(store, &keys[i], in[i], bytes));
+    cdatas[i] = &sentinel; /* every entry must be written */
+    codes[i] = KVTIER_INTERNAL;
+  }
+  CHECK(!kvtier_contains(store, &keys[kMissing]));
+  CHECK_CODE(kvtier_borrow(store, kN, keys, cdatas, codes, &borrowed), KVTIER_NOT_FOUND);
+  CHECK_ERROR_MENTIONS("NotFound");
+  CHECK(borrowed != NULL); /* members failed, not the call: still a loan to release */
+  CHECK(codes[kMissing] == KVTIER_NOT_FOUND);
+  CHECK(cdatas[kMissing] == NULL);
+  for (i = 0; i < kN; ++i) {
+    if (i == kMissing) continue;
+    CHECK(codes[i] == KVTIER_OK);
+    CHECK(cdatas[i] != NULL && cdatas[i] != (const void*)&sentinel);
+    CHECK(memcmp(cdatas[i], in[i], bytes) == 0);
+    for (j = 0; j < i; ++j) CHECK(j == kMissing || cdatas[j] != cdatas[i]);
+  }
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.puts - before.puts == kN - 1);
+  CHECK(st.gets - before.gets == kN - 1);
+  CHECK(st.get_misses - before.get_misses == 1);
+  CheckLent(store, lender, kN - 1); /* embedded, in place: pinned, not copied */
+
+  /* Rewritten or deleted meanwhile, a borrowed block stays as it was lent. */
+  FillRandom(out, bytes);
+  CHECK_OK(kvtier_put(store, &keys[0], out, bytes));
+  CHECK_OK(kvtier_delete(store, &keys[1]));
+  CHECK(!kvtier_contains(store, &keys[1]));
+  CHECK(memcmp(cdatas[0], in[0], bytes) == 0);
+  CHECK(memcmp(cdatas[1], in[1], bytes) == 0);
+  for (i = 2; i < kN; ++i) CHECK(i == kMissing || memcmp(cdatas[i], in[i], bytes) == 0);
+  memcpy(in[0], out, bytes);
+  CHECK_OK(kvtier_get(store, &keys[0], out, bytes));
+  CHECK_SAME_BYTES(out, in[0], bytes);
+  kvtier_borrowed_release(borrowed);
+  CheckLent(store, lender, 0);
+
+  /* Codes may be NULL; a key twice lends its block twice; a bad key fails alone. */
+  CHECK_OK(kvtier_borrow(store, 1, &keys[2], cdatas, NULL, &borrowed));
+  CHECK(memcmp(cdatas[0], in[2], bytes) == 0);
+  kvtier_borrowed_release(borrowed);
+  twice[0] = keys[4];
+  twice[1] = keys[4];
+  CHECK_OK(kvtier_borrow(store, 2, twice, cdatas, codes, &borrowed));
+  CHECK(codes[0] == KVTIER_OK && codes[1] == KVTIER_OK);
+  CHECK(memcmp(cdatas[0], in[4], bytes) == 0);
+  CHECK(memcmp(cdatas[1], in[4], bytes) == 0);
+  kvtier_borrowed_release(borrowed);
+  keys[2].layer = 40; /* the layout has layers 0..31 */
+  CHECK_CODE(kvtier_borrow(store, 3, &keys[2], cdatas, codes, &borrowed), KVTIER_INVALID_ARGUMENT);
+  CHECK(codes[0] == KVTIER_INVALID_ARGUMENT && cdatas[0] == NULL);
+  CHECK(codes[1] == KVTIER_NOT_FOUND && cdatas[1] == NULL);
+  CHECK(codes[2] == KVTIER_OK && memcmp(cdatas[2], in[4], bytes) == 0);
+  kvtier_borrowed_release(borrowed);
+  keys[2].layer = 2;
+  CheckLent(store, lender, 0);
+
+  /* Reserve, fill with fresh bytes, commit: the blocks are then stored, byte-exact. */
+  for (i = 0; i < kReserved; ++i) {
+    want[i] = Allocate(bytes);
+    FillRandom(want[i], bytes);
+    rkeys[i] = Key(ns, 0xC0, seq, i, 7);
+    datas[i] = NULL;
+    codes[i] = KVTIER_INTERNAL;
+  }
+  CHECK_OK(kvtier_stats_get(store, &before));
+  CHECK_OK(kvtier_reserve(store, kReserved, datas, &buffers));
+  CHECK(buffers != NULL);
+  for (i = 0; i < kReserved; ++i) {
+    CHECK(datas[i] != NULL);
+    for (j = 0; j < i; ++j) CHECK(datas[j] != datas[i]);
+    memcpy(datas[i], want[i], bytes);
+    CHECK(!kvtier_contains(store, &rkeys[i])); /* nothing put before the commit */
+  }
+  CHECK_OK(kvtier_commit(buffers, rkeys, codes));
+  for (i = 0; i < kReserved; ++i) {
+    CHECK(codes[i] == KVTIER_OK);
+    FillRandom(out, bytes);
+    CHECK_OK(kvtier_get(store, &rkeys[i], out, bytes));
+    CHECK_SAME_BYTES(out, want[i], bytes);
+  }
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.puts - before.puts == kReserved);
+
+  /* Once: a second commit is refused, for every member, and puts nothing. */
+  for (i = 0; i < kReserved; ++i) codes[i] = KVTIER_INTERNAL;
+  CHECK_CODE(kvtier_commit(buffers, rkeys, codes), KVTIER_FAILED_PRECONDITION);
+  CHECK_ERROR_MENTIONS("already committed");
+  for (i = 0; i < kReserved; ++i) CHECK(codes[i] == KVTIER_FAILED_PRECONDITION);
+  CHECK_CODE(kvtier_commit(buffers, rkeys, NULL), KVTIER_FAILED_PRECONDITION);
+  kvtier_put_buffers_release(buffers);
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.puts - before.puts == kReserved);
+
+  /* Released without a commit: nothing is put. */
+  for (i = 0; i < kReserved; ++i) rkeys[i].block = 8;
+  CHECK_OK(kvtier_reserve(store, kReserved, datas, &buffers));
+  for (i = 0; i < kReserved; ++i) FillRandom((unsigned char*)datas[i], bytes);
+  kvtier_put_buffers_release(buffers);
+  for (i = 0; i < kReserved; ++i) CHECK(!kvtier_contains(store, &rkeys[i]));
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.puts - before.puts == kReserved);
+
+  /* NULL keys: refused, nothing done, the buffers still to commit. A bad key fails alone. */
+  for (i = 0; i < kReserved; ++i) rkeys[i].block = 9;
+  CHECK_OK(kvtier_reserve(store, kReserved, datas, &buffers));
+  for (i = 0; i < kReserved; ++i) {
+    FillRandom(want[i], bytes);
+    memcpy(datas[i], want[i], bytes);
+  }
+  CHECK_CODE(kvtier_commit(buffers, NULL, codes), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("null keys");
+  for (i = 0; i < kReserved; ++i) CHECK(!kvtier_contains(store, &rkeys[i]));
+  rkeys[1].layer = 40;
+  CHECK_CODE(kvtier_commit(buffers, rkeys, codes), KVTIER_INVALID_ARGUMENT);
+  CHECK_ERROR_MENTIONS("layer");
+  kvtier_put_buffers_release(buffers);
+  for (i = 0; i < kReserved; ++i) {
+    if (i == 1) {
+      CHECK(codes[i] == KVTIER_INVALID_ARGUMENT);
+      CHECK(!kvtier_contains(store, &rkeys[i]));
+      continue;
+    }
+    CHECK(codes[i] == KVTIER_OK);
+    CHECK_OK(kvtier_get(store, &rkeys[i], out, bytes));
+    CHECK_SAME_BYTES(out, want[i], bytes);
+  }
+  CHECK_OK(kvtier_stats_get(store, &st));
+  CHECK(st.puts - before.puts == 2 * kReserved - 1);
+  CheckLent(store, lender, 0);
+
+  /* The loans touched nothing else: the first blocks are still there, intact. */
+  for (i = 2; i < kN; ++i) {
+    if (i == kMissing) continue;
+    CHECK_OK(kvtier_get(store, &keys[i], out, bytes));
+    CHECK_SAME_BYTES(out, in[i], bytes);
+  }
+  kvtier_close(store);
+  for (i = 0; i < kN; ++i) free(in[i]);
+  for (i = 0; i < kReserved; ++i) free(want[i]);
+  free(out);
+}
+
 int main(int argc, char** argv) {
   kvtier_layout llama;
   g_seed = argc > 1 ? strtoull(argv[1], NULL, 0) : (uint64_t)time(NULL);
@@ -901,6 +1161,26 @@ int main(int argc, char** argv) {
   TestSmallStoreLru();
   TestRetrieval();
   TestAcquire();
+  {
+    kvtier_options o;
+    kvtier_options_init(&o);
+    o.host_capacity_bytes = (uint64_t)64 << 20;
+    o.host_memory = KVTIER_HOST_MEMORY_PLAIN;
+    TestLoans(&o, &llama, kLendHostSlots, 5, NextRandom());
+    if (argc > 2) { /* a kvtierd serving Llama-3-8B: its socket, or "host:port" */
+      const int unix_socket = strchr(argv[2], '/') != NULL;
+      if (unix_socket) {
+        o.sidecar_socket = argv[2];
+      } else {
+        o.sidecar_tcp_address = argv[2];
+      }
+      o.sidecar_token = argc > 3 ? argv[3] : NULL;
+      o.sidecar_staging_blocks = kStagingBlocks;
+      printf("c_api_test: loans through kvtierd at %s\n", argv[2]);
+      TestLoans(&o, &llama, unix_socket ? kLendStagingSlots : kLendClientMemory,
+                o.sidecar_namespace_id, NextRandom());
+    }
+  }
   printf("c_api_test: all checks passed\n");
   return 0;
 }

@@ -17,6 +17,14 @@ struct kvtier_store {
   std::unique_ptr<kvtier::Store> store;
 };
 
+struct kvtier_borrowed {
+  std::unique_ptr<kvtier::BorrowedBlocks> blocks;
+};
+
+struct kvtier_put_buffers {
+  std::unique_ptr<kvtier::PutBuffers> buffers;
+};
+
 namespace {
 
 thread_local std::string last_error;
@@ -83,6 +91,17 @@ kvtier_code Guard(F f) {
     return Report(kvtier::Status::ResourceExhausted("out of memory"));
   } catch (const std::exception& e) {
     return Report(kvtier::Status::Internal(e.what()));
+  }
+}
+
+// Each member's code, into codes[0, statuses.size()). A call that failed while every
+// member stayed OK was refused as a whole (nothing reached the members): each member
+// gets the call's code.
+void MemberCodes(std::span<const kvtier::Status> statuses, const kvtier::Status& whole,
+                 kvtier_code* codes) {
+  const bool refused = !whole.ok() && kvtier::FirstFailure(statuses).ok();
+  for (size_t i = 0; i < statuses.size(); ++i) {
+    codes[i] = static_cast<kvtier_code>(refused ? whole.code() : statuses[i].code());
   }
 }
 
@@ -352,6 +371,81 @@ kvtier_code kvtier_get_batch(kvtier_store* store, size_t n, const kvtier_block_k
     return s;
   });
 }
+
+kvtier_code kvtier_borrow(kvtier_store* store, size_t n, const kvtier_block_key* keys,
+                          const void** datas, kvtier_code* codes, kvtier_borrowed** borrowed) {
+  if (borrowed == nullptr) return NullArgument("borrowed out-pointer");
+  *borrowed = nullptr;
+  if (store == nullptr) return NullArgument("store");
+  if (n > 0 && (keys == nullptr || datas == nullptr)) return NullArgument("keys or datas");
+  return Guard([&]() -> kvtier::Status {
+    std::vector<kvtier::BlockKey> k(n);
+    for (size_t i = 0; i < n; ++i) k[i] = ToKey(keys[i]);
+    std::vector<kvtier::Status> statuses(n);
+    auto loan = std::make_unique<kvtier_borrowed>();
+    kvtier::Status s = store->store->Borrow(k, statuses, &loan->blocks);
+    const kvtier::BorrowedBlocks* blocks = loan->blocks.get();
+    if (blocks != nullptr && blocks->size() != n) {
+      return kvtier::Status::Internal("Borrow lent " + std::to_string(blocks->size()) +
+                                      " blocks for " + std::to_string(n) + " keys");
+    }
+    std::vector<kvtier_code> member_codes(n);
+    MemberCodes(statuses, s, member_codes.data());
+    for (size_t i = 0; i < n; ++i) {
+      const void* data = nullptr;
+      if (member_codes[i] == KVTIER_OK) {
+        if (blocks != nullptr && !blocks->block(i).empty()) {
+          data = blocks->block(i).data();
+        } else {  // never NULL data with KVTIER_OK (a broken Borrow)
+          if (s.ok()) s = kvtier::Status::Internal("Borrow lent no bytes for a block it found");
+          member_codes[i] = static_cast<kvtier_code>(s.code());
+        }
+      }
+      datas[i] = data;
+      if (codes != nullptr) codes[i] = member_codes[i];
+    }
+    if (blocks != nullptr) *borrowed = loan.release();
+    return s;
+  });
+}
+
+void kvtier_borrowed_release(kvtier_borrowed* borrowed) { delete borrowed; }
+
+kvtier_code kvtier_reserve(kvtier_store* store, size_t n, void** datas,
+                           kvtier_put_buffers** buffers) {
+  if (buffers == nullptr) return NullArgument("buffers out-pointer");
+  *buffers = nullptr;
+  if (store == nullptr) return NullArgument("store");
+  if (n > 0 && datas == nullptr) return NullArgument("datas");
+  return Guard([&]() -> kvtier::Status {
+    auto loan = std::make_unique<kvtier_put_buffers>();
+    KVTIER_ASSIGN_OR_RETURN(loan->buffers, store->store->Reserve(n));
+    if (loan->buffers == nullptr || loan->buffers->size() != n) {
+      return kvtier::Status::Internal("Reserve lent a wrong number of buffers for " +
+                                      std::to_string(n));
+    }
+    for (size_t i = 0; i < n; ++i) datas[i] = loan->buffers->buffer(i).data();
+    *buffers = loan.release();
+    return kvtier::Status::OK();
+  });
+}
+
+kvtier_code kvtier_commit(kvtier_put_buffers* buffers, const kvtier_block_key* keys,
+                          kvtier_code* codes) {
+  if (buffers == nullptr) return NullArgument("buffers");
+  if (keys == nullptr) return NullArgument("keys");
+  return Guard([&] {
+    const size_t n = buffers->buffers->size();
+    std::vector<kvtier::BlockKey> k(n);
+    for (size_t i = 0; i < n; ++i) k[i] = ToKey(keys[i]);
+    std::vector<kvtier::Status> statuses(n);
+    kvtier::Status s = buffers->buffers->Commit(k, statuses);
+    if (codes != nullptr) MemberCodes(statuses, s, codes);
+    return s;
+  });
+}
+
+void kvtier_put_buffers_release(kvtier_put_buffers* buffers) { delete buffers; }
 
 kvtier_code kvtier_put_async(kvtier_store* store, const kvtier_block_key* key, const void* data,
                              uint64_t bytes, kvtier_completion done, void* user_data) {

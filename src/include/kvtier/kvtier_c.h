@@ -262,6 +262,50 @@ kvtier_code kvtier_put_batch(kvtier_store* store, size_t n, const kvtier_block_k
 kvtier_code kvtier_get_batch(kvtier_store* store, size_t n, const kvtier_block_key* keys,
                              void* const* datas, kvtier_code* codes);
 
+/* Loans (kvtier::Store::Borrow and Reserve): blocks read, or written, in place in memory
+ * the store lends, instead of copied to or from the caller's (embedded, a borrowed block
+ * is not copied at all; through kvtierd's Unix socket, each block is copied once where
+ * kvtier_get_batch and kvtier_put_batch copy it twice). A loan holds memory the store
+ * cannot use for anything else meanwhile (host-tier slots, or kvtierd's staging slots):
+ * give it back soon, and always before kvtier_close of its store. */
+typedef struct kvtier_borrowed kvtier_borrowed;
+typedef struct kvtier_put_buffers kvtier_put_buffers;
+
+/* kvtier_borrow: n blocks, keys[i] <-> datas[i]. datas[i] receives the address of member
+ * i's kvtier_block_bytes() bytes, to read in place, unchanged (even when the key is
+ * rewritten or deleted meanwhile) until kvtier_borrowed_release; or NULL for a member
+ * that failed. codes (may be NULL) receives each member's outcome: datas[i] is non-NULL
+ * exactly when codes[i] is KVTIER_OK. *borrowed receives the loan, also when members
+ * failed: release it, from any thread (it is NULL when there is nothing to release,
+ * which kvtier_borrowed_release allows). n == 0 lends nothing (keys and datas may then
+ * be NULL). Errors besides kvtier_get_batch's: when the blocks lent and not yet given
+ * back leave too little room, KVTIER_RESOURCE_EXHAUSTED (a sidecar client's staging
+ * area) or KVTIER_BUSY (an embedded host tier full of pinned slots);
+ * KVTIER_INVALID_ARGUMENT for more blocks than a sidecar client's staging area holds
+ * (sidecar_staging_blocks). Returns the first failure. */
+kvtier_code kvtier_borrow(kvtier_store* store, size_t n, const kvtier_block_key* keys,
+                          const void** datas, kvtier_code* codes, kvtier_borrowed** borrowed);
+/* Gives the blocks back: their addresses are invalid afterwards. NULL is allowed. */
+void kvtier_borrowed_release(kvtier_borrowed* borrowed);
+
+/* kvtier_reserve: n (> 0) buffers to fill, then put with kvtier_commit. datas[i] receives
+ * the address of buffer i (kvtier_block_bytes() bytes, contents unspecified); *buffers
+ * receives the loan (NULL on failure). Errors: KVTIER_INVALID_ARGUMENT for n == 0 or
+ * more than a sidecar client's staging area holds; KVTIER_RESOURCE_EXHAUSTED as
+ * kvtier_borrow; KVTIER_UNAVAILABLE while disconnected from kvtierd. A kvtier_put_buffers
+ * is used by one thread at a time. */
+kvtier_code kvtier_reserve(kvtier_store* store, size_t n, void** datas,
+                           kvtier_put_buffers** buffers);
+/* Puts buffer i under keys[i] for each of the n reserved, as kvtier_put_batch; codes (may
+ * be NULL, else n entries) receives each member's outcome. Returns the first failure.
+ * Once: afterwards the buffers' addresses are invalid whatever the outcome, and a second
+ * commit is KVTIER_FAILED_PRECONDITION (for every member too). NULL keys:
+ * KVTIER_INVALID_ARGUMENT, and nothing is done. */
+kvtier_code kvtier_commit(kvtier_put_buffers* buffers, const kvtier_block_key* keys,
+                          kvtier_code* codes);
+/* Frees the buffers, committed or not (not committed: nothing is put). NULL is allowed. */
+void kvtier_put_buffers_release(kvtier_put_buffers* buffers);
+
 /* Asynchronous single-block forms: return KVTIER_OK once submitted (the buffer must
  * stay valid until `done` runs); `done` then reports the outcome. */
 kvtier_code kvtier_put_async(kvtier_store* store, const kvtier_block_key* key, const void* data,
