@@ -216,6 +216,25 @@ Status SidecarDevice::PutFromPagedCache(std::span<const BlockKey> keys, const Pa
   if (keys.empty()) return Status::OK();
   const uint64_t block_bytes = layout_.BytesPerBlock();
   const uint32_t count = static_cast<uint32_t>(keys.size());
+  if (!buffers_.pinned()) {
+    // Without a GPU the CPU gathers: straight into staging slots lent by the store
+    // (Reserve), which the daemon copies from at the Commit. When the store cannot lend
+    // that many now (a batch bigger than the staging area, slots lent out, TCP: heap
+    // buffers), the gather goes through the buffers below and PutBatch.
+    Result<std::unique_ptr<PutBuffers>> lent = store_->Reserve(count);
+    if (lent.ok()) {
+      std::vector<void*> slots(count);
+      for (uint32_t i = 0; i < count; ++i) slots[i] = (*lent)->buffer(i).data();
+      Status gathered =
+          GatherBlocksRef(cache, k_base, v_base, page_table.data(), count, slots.data(), nullptr);
+      if (!gathered.ok()) {
+        gathered = gathered.WithContext("PutFromPagedCache");
+        for (Status& s : statuses) s = gathered;
+        return gathered;
+      }
+      return (*lent)->Commit(keys, statuses);
+    }
+  }
   std::vector<std::byte*> taken;
   Status gathered = buffers_.Take(count, &taken);
   std::vector<void*> slots(taken.begin(), taken.end());
