@@ -66,8 +66,9 @@ class FakeDaemon {
               static_cast<ssize_t>(frame.size()));
   }
 
-  // Accepts a connection and answers its Hello: OK, no staging slots.
-  void AcceptAndGreet(const ModelLayout& layout) {
+  // Accepts a connection and answers its Hello: OK, no staging slots; `get_data_last`:
+  // promises that a Get's reply ends with its blocks' bytes.
+  void AcceptAndGreet(const ModelLayout& layout, bool get_data_last = false) {
     Accept();
     Frame hello;
     ASSERT_TRUE(Read(&hello));
@@ -78,8 +79,15 @@ class FakeDaemon {
     flatbuffers::FlatBufferBuilder fbb;
     fbb.Finish(wire::CreateHelloReply(fbb, wire::ToWire(fbb, Status::OK()),
                                       fbb.CreateString("fake"), layout.BytesPerBlock(), 0, 0,
-                                      wire::kDefaultMaxFrameBytes));
+                                      wire::kDefaultMaxFrameBytes, get_data_last));
     Write(fbb, wire::Opcode::kHello, hello.header.request_id);
+  }
+  // Sends the first `bytes` bytes of a frame only.
+  void WritePart(flatbuffers::FlatBufferBuilder& fbb, wire::Opcode opcode, uint64_t id,
+                 size_t bytes) {
+    const std::vector<uint8_t> frame = wire::MakeFrame(fbb, opcode, id, /*reply=*/true);
+    ASSERT_LT(bytes, frame.size());
+    ASSERT_EQ(::send(fd_, frame.data(), bytes, MSG_NOSIGNAL), static_cast<ssize_t>(bytes));
   }
 
  private:
@@ -112,12 +120,35 @@ void AnswerFlush(FakeDaemon& daemon, const Frame& f) {
   daemon.Write(fbb, wire::Opcode::kFlush, f.header.request_id);
 }
 
+// A Get's reply: `blocks` of the fake's bytes, the data vector last in the body (built
+// first, 8-aligned: what HelloReply.get_data_last promises) unless `data_last` is false
+// (built after a message, so the message's bytes come after it).
+void BuildGetReply(flatbuffers::FlatBufferBuilder& fbb, uint64_t bytes,
+                   const std::vector<uint32_t>& blocks, bool data_last) {
+  flatbuffers::Offset<wire::Outcome> outcome;
+  if (!data_last) outcome = wire::ToWire(fbb, Status::OK());
+  fbb.ForceVectorAlignment(blocks.size() * bytes, 1, 8);
+  uint8_t* out = nullptr;
+  auto data = fbb.CreateUninitializedVector(blocks.size() * bytes, &out);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const std::vector<std::byte> v = BlockFor(bytes, blocks[i]);
+    std::memcpy(out + i * bytes, v.data(), bytes);
+  }
+  if (data_last) outcome = wire::ToWire(fbb, Status::OK());
+  if (!data_last) {
+    // Something after the data in the body, whatever the builder's alignment.
+    auto message = fbb.CreateString("a string built after the data");
+    (void)message;
+  }
+  fbb.Finish(wire::CreateBatchReply(fbb, outcome, 0, data));
+}
+
 class ClientFakeDaemonTest : public ::testing::Test {
  protected:
   void SetUp() override { daemon_ = std::make_unique<FakeDaemon>(path_); }
-  std::unique_ptr<Store> Open(uint32_t request_timeout_ms = 30000) {
+  std::unique_ptr<Store> Open(uint32_t request_timeout_ms = 30000, bool get_data_last = false) {
     std::unique_ptr<Store> store;
-    std::thread greeter([&] { daemon_->AcceptAndGreet(layout_); });
+    std::thread greeter([&] { daemon_->AcceptAndGreet(layout_, get_data_last); });
     StoreOptions o;
     o.sidecar.socket = path_;
     o.sidecar.connect_timeout_ms = 2000;
@@ -309,6 +340,71 @@ TEST_F(ClientFakeDaemonTest, ARefusalInTheHelloReplyIsTheStatusOfOpen) {
   ASSERT_FALSE(store.ok());
   EXPECT_EQ(store.status().code(), StatusCode::kQuotaExceeded) << store.status().ToString();
   EXPECT_NE(store.status().message().find("scripted"), std::string::npos);
+}
+
+// A daemon that promises get_data_last: a Get's blocks are received straight into the
+// caller's buffers, and a reply that breaks the promise is an error, never wrong bytes
+// reported as OK.
+TEST_F(ClientFakeDaemonTest, AGetReplyThatEndsWithItsBytesIsReceivedIntoTheBuffers) {
+  auto store = Open(/*request_timeout_ms=*/30000, /*get_data_last=*/true);
+  ASSERT_NE(store, nullptr);
+  const uint64_t bytes = store->block_bytes();
+  for (const bool data_last : {true, false}) {
+    std::vector<std::vector<std::byte>> out(2, std::vector<std::byte>(bytes, std::byte{0xAA}));
+    std::vector<BlockRead> reads = {{Key(1, 0, 20), out[0].data(), bytes},
+                                    {Key(1, 0, 21), out[1].data(), bytes}};
+    std::vector<Status> statuses(2);
+    std::future<Status> get = store->GetBatchAsync(reads, statuses);
+    Frame f;
+    ASSERT_TRUE(daemon_->Read(&f));
+    ASSERT_EQ(f.header.opcode, static_cast<uint16_t>(wire::Opcode::kGet));
+    ASSERT_EQ(flatbuffers::GetRoot<wire::GetRequest>(f.body.data())->keys()->size(), 2u);
+    flatbuffers::FlatBufferBuilder fbb;
+    BuildGetReply(fbb, bytes, {20, 21}, data_last);
+    daemon_->Write(fbb, wire::Opcode::kGet, f.header.request_id);
+    ASSERT_EQ(get.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+    const Status s = get.get();
+    if (data_last) {
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      EXPECT_EQ(out[0], BlockFor(bytes, 20));
+      EXPECT_EQ(out[1], BlockFor(bytes, 21));
+    } else {
+      EXPECT_EQ(s.code(), StatusCode::kInternal) << s.ToString();
+      EXPECT_NE(s.message().find("does not end with its blocks"), std::string::npos);
+      for (const Status& m : statuses) EXPECT_EQ(m.code(), StatusCode::kInternal);
+    }
+  }
+}
+
+// The connection breaks while a Get's bytes are being received into the caller's
+// buffers: the Get fails with Unavailable (its reader runs its completion; nothing waits
+// forever) and the client reconnects.
+TEST_F(ClientFakeDaemonTest, AGetReplyCutOffWhileItsBytesArriveFailsUnavailable) {
+  auto store = Open(/*request_timeout_ms=*/30000, /*get_data_last=*/true);
+  ASSERT_NE(store, nullptr);
+  const uint64_t bytes = store->block_bytes();
+  std::vector<std::byte> out(bytes);
+  std::future<Status> get = store->GetAsync(Key(1, 0, 30), out.data(), bytes);
+  std::future<Status> flush = std::async(std::launch::async, [&] { return store->Flush(); });
+  Frame requests[2];
+  ASSERT_TRUE(daemon_->Read(&requests[0]));
+  ASSERT_TRUE(daemon_->Read(&requests[1]));
+  const Frame& g = requests[0].header.opcode == static_cast<uint16_t>(wire::Opcode::kGet)
+                       ? requests[0]
+                       : requests[1];
+  flatbuffers::FlatBufferBuilder fbb;
+  BuildGetReply(fbb, bytes, {30}, /*data_last=*/true);
+  // The header, the tables and half the block.
+  daemon_->WritePart(fbb, wire::Opcode::kGet, g.header.request_id,
+                     wire::kHeaderBytes + fbb.GetSize() - bytes / 2);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the reader is in the body
+  daemon_->CloseClient();
+  ASSERT_EQ(get.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_EQ(get.get().code(), StatusCode::kUnavailable);
+  ASSERT_EQ(flush.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_EQ(flush.get().code(), StatusCode::kUnavailable);
+  daemon_->AcceptAndGreet(layout_, /*get_data_last=*/true);
+  ASSERT_TRUE(Eventually([&] { return GetSidecarStatus(*store)->connected; }));
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <cstring>
 
 #include "src/server/protocol/codec.h"
@@ -265,6 +266,7 @@ Status Connection::Handshake(const SidecarOptions& options, const ModelLayout& l
   if (!outcome.ok()) return outcome.WithContext("kvtierd at " + peer_ + " refused the handshake");
   if (reply->daemon_version() != nullptr) daemon_version_ = reply->daemon_version()->str();
   if (reply->max_frame_bytes() != 0) max_frame_bytes_ = reply->max_frame_bytes();
+  get_data_last_ = reply->get_data_last();
   if (reply->block_bytes() != layout.BytesPerBlock()) {
     return Status::FailedPrecondition(
         "kvtierd at " + peer_ + " serves blocks of " + std::to_string(reply->block_bytes()) +
@@ -358,16 +360,69 @@ Status RecvAll(int fd, std::span<uint8_t> out, const std::string& peer) {
   return Status::OK();
 }
 
+// Receives exactly the bytes of iov[0..count) (consumed: the array is advanced in place).
+Status RecvAllV(int fd, iovec* iov, size_t count, const std::string& peer) {
+  while (count > 0) {
+    if (iov->iov_len == 0) {
+      ++iov;
+      --count;
+      continue;
+    }
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = std::min<size_t>(count, IOV_MAX);
+    const ssize_t n = ::recvmsg(fd, &msg, 0);
+    if (n == 0) return Status::Unavailable("kvtierd at " + peer + " closed the connection");
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Unavailable(peer, "recvmsg", errno);
+    }
+    for (size_t left = static_cast<size_t>(n); left > 0;) {
+      const size_t step = std::min(left, iov->iov_len);
+      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + step;
+      iov->iov_len -= step;
+      left -= step;
+      if (iov->iov_len == 0) {
+        ++iov;
+        --count;
+      }
+    }
+  }
+  return Status::OK();
+}
+
 }  // namespace
 
 Status Connection::ReadFrame(wire::FrameHeader* header, std::vector<uint8_t>* body) {
+  KVTIER_ASSIGN_OR_RETURN(*header, ReadHeader());
+  return ReadBody(*header, body, {});
+}
+
+Result<wire::FrameHeader> Connection::ReadHeader() {
   std::array<uint8_t, wire::kHeaderBytes> bytes;
   KVTIER_RETURN_IF_ERROR(RecvAll(fd_, bytes, peer_));
-  KVTIER_ASSIGN_OR_RETURN(
-      *header, wire::DecodeHeader(bytes, std::max(max_frame_bytes_, wire::kDefaultMaxFrameBytes),
-                                  /*expect_reply=*/true));
-  body->resize(header->body_bytes);
-  return RecvAll(fd_, *body, peer_);
+  return wire::DecodeHeader(bytes, std::max(max_frame_bytes_, wire::kDefaultMaxFrameBytes),
+                            /*expect_reply=*/true);
+}
+
+Status Connection::ReadBody(const wire::FrameHeader& header, std::vector<uint8_t>* body,
+                            std::span<const iovec> tail) {
+  body->resize(header.body_bytes);
+  if (tail.empty()) return RecvAll(fd_, *body, peer_);
+  std::vector<iovec> iov;
+  iov.reserve(tail.size() + 1);
+  iov.push_back(iovec{body->data(), 0});
+  uint64_t tail_bytes = 0;
+  for (const iovec& v : tail) {
+    iov.push_back(v);
+    tail_bytes += v.iov_len;
+  }
+  if (tail_bytes > body->size()) {
+    return Status::Internal("a reply tail of " + std::to_string(tail_bytes) +
+                            " bytes in a body of " + std::to_string(body->size()));
+  }
+  iov[0].iov_len = body->size() - tail_bytes;
+  return RecvAllV(fd_, iov.data(), iov.size(), peer_);
 }
 
 void Connection::Shutdown() { ::shutdown(fd_, SHUT_RDWR); }

@@ -9,6 +9,8 @@
 #ifndef KVTIER_CLIENT_CONNECTION_H_
 #define KVTIER_CLIENT_CONNECTION_H_
 
+#include <sys/uio.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -50,6 +52,14 @@ class Connection {
   // the connection is closed or broken, InvalidArgument for a frame that cannot be
   // decoded (the stream cannot be resynchronized: drop the connection).
   Status ReadFrame(wire::FrameHeader* header, std::vector<uint8_t>* body);
+  // ReadFrame in two steps, for a reply whose last bytes should land elsewhere (an inline
+  // Get's blocks, in the caller's buffers): ReadHeader, then ReadBody, which resizes
+  // `body` to the body's size and receives all but its last `tail` bytes into it (the
+  // tail's place in `body` is left as it was) and those into `tail`'s buffers, in order
+  // (their total, at most the body's size).
+  Result<wire::FrameHeader> ReadHeader();
+  Status ReadBody(const wire::FrameHeader& header, std::vector<uint8_t>* body,
+                  std::span<const iovec> tail);
 
   // Shuts the socket down both ways: ReadFrame and Send return Unavailable from now on,
   // and a poll() on fd() reports a hang-up.
@@ -68,6 +78,8 @@ class Connection {
   uint64_t staging_slot_bytes() const { return staging_slot_bytes_; }
   uint8_t* slot(uint32_t i) const { return staging_ + uint64_t{i} * staging_slot_bytes_; }
   uint32_t max_frame_bytes() const { return max_frame_bytes_; }
+  // Whether an inline Get's reply ends with its blocks' bytes (HelloReply.get_data_last).
+  bool get_data_last() const { return get_data_last_; }
   const std::string& daemon_version() const { return daemon_version_; }
   // "unix:<path>" or "tcp:<host:port>", for messages.
   const std::string& peer() const { return peer_; }
@@ -85,6 +97,7 @@ class Connection {
   uint32_t staging_blocks_ = 0;
   uint64_t staging_slot_bytes_ = 0;
   uint32_t max_frame_bytes_ = wire::kDefaultMaxFrameBytes;
+  bool get_data_last_ = false;
   std::string daemon_version_;
   std::vector<uint8_t> read_body_;
 };

@@ -23,6 +23,7 @@ struct SidecarClient::Chunk {
   uint64_t generation = 0;
   std::vector<uint32_t> members;
   std::vector<uint32_t> slots;
+  std::shared_ptr<ReplyTail> tail;  // an inline Get: the blocks go straight to the reads
 };
 
 namespace {
@@ -147,7 +148,8 @@ void SidecarClient::Install(std::shared_ptr<Connection> connection) {
 // --- Requests and replies -------------------------------------------------------------
 
 void SidecarClient::Send(wire::Opcode opcode, std::span<const uint8_t> body, ReplyHandler handler,
-                         uint64_t generation, bool caller_waits, int fd) {
+                         uint64_t generation, bool caller_waits, int fd,
+                         std::shared_ptr<ReplyTail> tail) {
   std::shared_ptr<Connection> connection;
   uint64_t id = 0;
   uint64_t sent_generation = 0;
@@ -167,7 +169,8 @@ void SidecarClient::Send(wire::Opcode opcode, std::span<const uint8_t> body, Rep
           options_.request_timeout_ms == 0
               ? Clock::time_point::max()
               : Clock::now() + std::chrono::milliseconds(options_.request_timeout_ms);
-      pending_.emplace_hint(pending_.end(), id, Pending{opcode, std::move(handler), deadline});
+      pending_.emplace_hint(pending_.end(), id,
+                            Pending{opcode, std::move(handler), deadline, std::move(tail)});
       if (reader_generation_ != generation_) {
         if (waiters_ == 0) {
           KickLocked();  // nobody to read the reply: the background thread does
@@ -473,19 +476,48 @@ void SidecarClient::WaitUntil(const std::function<bool()>& done) {
 }
 
 void SidecarClient::ReadOne(Connection& connection, uint64_t generation) {
-  wire::FrameHeader header;
   std::vector<uint8_t>& body = connection.read_body();
-  Status s = connection.ReadFrame(&header, &body);
-  if (s.ok()) Dispatch(connection, header, body);
-  MutexLock lock(&mu_);
-  if (reader_generation_ == generation) reader_generation_ = 0;
-  if (!s.ok()) {
-    FailLocked(generation,
-               s.code() == StatusCode::kUnavailable
-                   ? std::move(s)
-                   : Status::Unavailable("kvtierd at " + connection.peer() + ": " + s.ToString()));
+  Result<wire::FrameHeader> header = connection.ReadHeader();
+  Status s = header.status();
+  std::shared_ptr<ReplyTail> tail;
+  if (s.ok()) {
+    {
+      MutexLock lock(&mu_);
+      auto it = pending_.find(header->request_id);
+      if (it != pending_.end() && it->second.tail != nullptr &&
+          header->opcode == static_cast<uint16_t>(it->second.opcode) &&
+          header->body_bytes >= it->second.tail->bytes) {
+        it->second.claimed = true;
+        tail = it->second.tail;
+      }
+    }
+    s = connection.ReadBody(
+        *header, &body,
+        tail != nullptr ? std::span<const iovec>(tail->to) : std::span<const iovec>());
   }
-  cv_.notify_all();
+  if (s.ok()) {
+    if (tail != nullptr) tail->delivered = true;
+    Dispatch(connection, *header, body);
+  }
+  if (!s.ok() && s.code() != StatusCode::kUnavailable) {
+    s = Status::Unavailable("kvtierd at " + connection.peer() + ": " + s.ToString());
+  }
+  Pending claimed;
+  {
+    MutexLock lock(&mu_);
+    if (!s.ok() && tail != nullptr) {
+      // Its reply was being received into the caller's buffers: Break left it to us.
+      auto it = pending_.find(header->request_id);
+      if (it != pending_.end()) {
+        claimed = std::move(it->second);
+        pending_.erase(it);
+      }
+    }
+    if (reader_generation_ == generation) reader_generation_ = 0;
+    if (!s.ok()) FailLocked(generation, s);
+    cv_.notify_all();
+  }
+  if (claimed.handler) claimed.handler(s, {});
 }
 
 void SidecarClient::Dispatch(const Connection& connection, const wire::FrameHeader& header,
@@ -659,15 +691,24 @@ void SidecarClient::SendChunk(std::shared_ptr<Chunk> chunk) {
     auto key_vector = fbb.CreateVectorOfStructs(keys);
     auto slot_vector = inline_bytes ? 0 : fbb.CreateVector(chunk->slots);
     fbb.Finish(wire::CreateGetRequest(fbb, key_vector, slot_vector));
+    if (inline_bytes && c.get_data_last()) {
+      // The reply ends with the blocks' bytes: received straight into the reads.
+      chunk->tail = std::make_shared<ReplyTail>();
+      for (size_t j = 0; j < n; ++j) {
+        chunk->tail->to.push_back(iovec{t.reads[chunk->members[j]].data, block_bytes_});
+      }
+      chunk->tail->bytes = n * block_bytes_;
+    }
   }
   const uint64_t generation = chunk->generation;
+  std::shared_ptr<ReplyTail> tail = chunk->tail;
   Send(
       t.put ? wire::Opcode::kPut : wire::Opcode::kGet,
       std::span<const uint8_t>(fbb.GetBufferPointer(), fbb.GetSize()),
       [this, chunk](Status status, std::span<const uint8_t> body) {
         OnChunkReply(*chunk, status, body);
       },
-      generation);
+      generation, /*caller_waits=*/false, /*fd=*/-1, std::move(tail));
 }
 
 void SidecarClient::OnChunkReply(const Chunk& chunk, const Status& status,
@@ -679,6 +720,7 @@ void SidecarClient::OnChunkReply(const Chunk& chunk, const Status& status,
   const wire::BatchReply* reply = nullptr;
   const flatbuffers::Vector<flatbuffers::Offset<wire::Outcome>>* members = nullptr;
   const uint8_t* inline_data = nullptr;
+  bool delivered = false;  // the blocks' bytes are in the reads already
   if (whole.ok()) {
     reply = flatbuffers::GetRoot<wire::BatchReply>(body.data());
     members = reply->members();
@@ -689,6 +731,14 @@ void SidecarClient::OnChunkReply(const Chunk& chunk, const Status& status,
       const Status outcome = wire::FromWire(reply->outcome());
       if (reply->data() != nullptr && reply->data()->size() == n * block_bytes_) {
         inline_data = reply->data()->data();
+        if (chunk.tail != nullptr && chunk.tail->delivered) {
+          // Received into the reads already: valid only where the body ends with them.
+          if (inline_data + n * block_bytes_ != body.data() + body.size()) {
+            whole = Status::Internal("kvtierd's Get reply does not end with its blocks' bytes");
+          }
+          inline_data = nullptr;
+          delivered = true;
+        }
       } else if (members != nullptr || outcome.ok()) {
         whole = Status::Internal("kvtierd's Get reply holds " +
                                  std::to_string(reply->data() ? reply->data()->size() : 0) +
@@ -704,7 +754,7 @@ void SidecarClient::OnChunkReply(const Chunk& chunk, const Status& status,
     }
     Status s =
         members != nullptr ? wire::FromWire(members->Get(j)) : wire::FromWire(reply->outcome());
-    if (s.ok() && !t.put) {
+    if (s.ok() && !t.put && !delivered) {
       const uint8_t* from =
           inline_data != nullptr ? inline_data + j * block_bytes_ : c.slot(chunk.slots[j]);
       std::memcpy(t.reads[i].data, from, block_bytes_);
@@ -748,8 +798,14 @@ void SidecarClient::Break(const Status& why) {
     hangup_generation_ = 0;
     free_slots_.clear();
     if (why.code() != StatusCode::kCancelled) last_error_ = why.message();
-    for (auto& [id, p] : pending_) failed.push_back(std::move(p));
-    pending_.clear();
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (it->second.claimed) {  // its reader runs its handler once its read ends
+        ++it;
+        continue;
+      }
+      failed.push_back(std::move(it->second));
+      it = pending_.erase(it);
+    }
     FailWaitingLocked(why);  // members not sent yet fail with the rest
     cv_.notify_all();
     dispatch_cv_.notify_all();

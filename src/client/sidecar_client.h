@@ -159,10 +159,22 @@ class SidecarClient {
 
  private:
   using Clock = std::chrono::steady_clock;
+  // Where the last bytes of a reply go instead of the read buffer: an inline Get's
+  // blocks (the daemon builds its reply with the blocks' bytes last), received straight
+  // into the caller's buffers.
+  struct ReplyTail {
+    std::vector<iovec> to;  // in order; their total is `bytes`
+    uint64_t bytes = 0;
+    bool delivered = false;  // set by the reader before the handler runs, on its thread
+  };
   struct Pending {
     wire::Opcode opcode = wire::Opcode::kError;
     ReplyHandler handler;
-    Clock::time_point deadline;  // of its reply; time_point::max() without a timeout
+    Clock::time_point deadline;       // of its reply; time_point::max() without a timeout
+    std::shared_ptr<ReplyTail> tail;  // null: the whole reply into the read buffer
+    // A reader is receiving its reply into `tail`: Break leaves it for that reader,
+    // which runs its handler (with the failure when the read fails).
+    bool claimed = false;
   };
   struct Chunk;
 
@@ -174,8 +186,10 @@ class SidecarClient {
   // the failure on this thread; when the send fails, the connection is failed and with
   // it the request. `caller_waits`: the caller calls WaitUntil next (counted in waiters_
   // from now on, so that the background thread is not woken to read the reply).
+  // `tail`: the reply's last bytes go there (see ReplyTail).
   void Send(wire::Opcode opcode, std::span<const uint8_t> body, ReplyHandler handler,
-            uint64_t generation = 0, bool caller_waits = false, int fd = -1) KVTIER_EXCLUDES(mu_);
+            uint64_t generation = 0, bool caller_waits = false, int fd = -1,
+            std::shared_ptr<ReplyTail> tail = nullptr) KVTIER_EXCLUDES(mu_);
   // Call on connection `generation` (0: the current one), with `fd` attached.
   Status CallOn(wire::Opcode opcode, std::span<const uint8_t> body,
                 const std::function<Status(std::span<const uint8_t>)>& parse, uint64_t generation,

@@ -39,7 +39,8 @@ void Connection::HandleHello(Request& req, std::span<const uint8_t> body) {
     auto version = fbb_.CreateString(kDaemonVersion);
     auto o = wire::ToWire(fbb_, outcome);
     fbb_.Finish(wire::CreateHelloReply(fbb_, o, version, block_bytes_, slots, slot_bytes,
-                                       server_.options.max_frame_bytes));
+                                       server_.options.max_frame_bytes,
+                                       /*get_data_last=*/block_bytes_ % 8 == 0));
     QueueReply(wire::Opcode::kHello, req.id, req.opcode, req.arrival, fd);
   };
   if (ns_ != nullptr) {
@@ -209,6 +210,10 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
     // The reply's data vector first: nothing else is added to the builder until the
     // store has written the blocks into it (ReplyBatch).
     req->reply = TakeBuilder();
+    // 8-aligned, so that Finish pads the front to a multiple of 8 and QueueReply adds no
+    // padding after it: the blocks' bytes end the body (HelloReply.get_data_last, when
+    // block_bytes is a multiple of 8; else padding would follow them here).
+    req->reply->ForceVectorAlignment(uint64_t{n} * block_bytes_, 1, 8);
     req->inline_vector =
         req->reply->CreateUninitializedVector(uint64_t{n} * block_bytes_, &req->inline_out);
   }

@@ -267,7 +267,9 @@ class Store {
                                    std::span<Status> statuses) = 0;
 
   // Batches: statuses.size() must equal the batch size (else InvalidArgument and
-  // nothing is done); statuses[i] receives the outcome of member i. Returns OK when
+  // nothing is done); statuses[i] receives the outcome of member i (the buffer of a Get
+  // member that failed holds unspecified bytes: a sidecar client over TCP receives the
+  // reply straight into the buffers, zeros for a failed member). Returns OK when
   // every member succeeded, otherwise the first failure. A batch is cheaper than its
   // members one by one (one lock round trip for the batch), not atomic as a whole.
   virtual Status PutBatch(std::span<const BlockWrite> writes, std::span<Status> statuses) = 0;
