@@ -492,6 +492,65 @@ Gbps MoveBatches(Store& store, uint32_t ns, uint32_t batch, uint32_t rounds) {
   return g;
 }
 
+// The loans (Store::Reserve then Commit, Store::Borrow) over the same working set as
+// MoveBatches: GB/s of the store's own work, the time in Reserve and Commit (the caller's
+// filling of the buffers between them, a memcpy here, is not counted: it is what an
+// engine does anyway, into its own memory for PutBatch) and in Borrow and giving the
+// blocks back (reading them, checked after each round, is not counted either).
+Gbps MoveLent(Store& store, uint32_t ns, uint32_t batch, uint32_t rounds) {
+  const uint64_t bb = store.block_bytes();
+  const SequenceId sequence{0, 90};
+  const uint32_t set = 4 * batch;
+  const std::vector<std::vector<uint8_t>> blocks = MakeBlocks(bb, set);
+  std::vector<BlockKey> keys(batch);
+  std::vector<Status> statuses(batch);
+  auto keys_of = [&](uint32_t r) {
+    for (uint32_t i = 0; i < batch; ++i) keys[i] = BlockKey{ns, sequence, 0, (r % 4) * batch + i};
+  };
+  Gbps g;
+  for (const bool put : {true, false}) {
+    Clock::duration spent{};
+    for (uint32_t r = 0; r < rounds + (put ? 4 : 0); ++r) {  // puts: the set first, untimed
+      keys_of(r);
+      const auto t0 = Clock::now();
+      Status s;
+      if (put) {
+        auto buffers = store.Reserve(batch);
+        const auto t1 = Clock::now();
+        if (buffers.ok()) {
+          for (uint32_t i = 0; i < batch; ++i) {
+            std::memcpy((*buffers)->buffer(i).data(), blocks[keys[i].block].data(), bb);
+          }
+        }
+        const auto t2 = Clock::now();
+        s = buffers.ok() ? (*buffers)->Commit(keys, statuses) : buffers.status();
+        buffers = Status::Cancelled("given back");
+        if (r >= 4) spent += (Clock::now() - t2) + (t1 - t0);
+      } else {
+        std::unique_ptr<BorrowedBlocks> lent;
+        s = store.Borrow(keys, statuses, &lent);
+        const auto t1 = Clock::now();
+        for (uint32_t i = 0; s.ok() && i < batch; ++i) {
+          if (std::memcmp(lent->block(i).data(), blocks[keys[i].block].data(), bb) != 0) {
+            s = Status::Corruption("wrong bytes");
+          }
+        }
+        const auto t2 = Clock::now();
+        lent.reset();
+        spent += (Clock::now() - t2) + (t1 - t0);
+      }
+      if (!s.ok()) {
+        std::fprintf(stderr, "sidecar: data plane: %s: %s\n", put ? "reserve" : "borrow",
+                     s.ToString().c_str());
+        return {};
+      }
+    }
+    const double seconds = std::chrono::duration<double>(spent).count();
+    (put ? g.put : g.get) = static_cast<double>(uint64_t{rounds} * batch * bb) / seconds / 1e9;
+  }
+  return g;
+}
+
 StoreOptions DataPlaneOptions(const fs::path& directory) {
   StoreOptions o;
   o.directory = directory.string();
@@ -862,6 +921,7 @@ int RunSidecarBench(const SidecarConfig& config) {
   // The data plane, sides alternating, against a second daemon (everything in its host
   // tier, write-back: no disk traffic) and an embedded store of the same options.
   std::vector<double> shm_put, shm_get, emb_put, emb_get, tcp_1, tcp_4, redis_1, redis_4;
+  std::vector<double> shm_reserve, shm_borrow, emb_reserve, emb_borrow;
   const uint32_t dp_rounds = 16, tcp_gets = 128, tcp_set = 64;
   if (config.data_plane) {
     const fs::path dp = dir / "data-plane";
@@ -925,12 +985,18 @@ int RunSidecarBench(const SidecarConfig& config) {
       o.sidecar.staging_blocks = 2 * config.batch;  // two chunks of a batch in flight
       auto client = Store::Open(o, layout);
       const Gbps shm = client.ok() ? MoveBatches(**client, 0, config.batch, dp_rounds) : Gbps{};
+      const Gbps shm_lent = client.ok() ? MoveLent(**client, 0, config.batch, dp_rounds) : Gbps{};
       client = Status::Cancelled("closed");
       const Gbps emb = MoveBatches(**embedded, 0, config.batch, dp_rounds);
+      const Gbps emb_lent = MoveLent(**embedded, 0, config.batch, dp_rounds);
       shm_put.push_back(shm.put);
       shm_get.push_back(shm.get);
       emb_put.push_back(emb.put);
       emb_get.push_back(emb.get);
+      shm_reserve.push_back(shm_lent.put);
+      shm_borrow.push_back(shm_lent.get);
+      emb_reserve.push_back(emb_lent.put);
+      emb_borrow.push_back(emb_lent.get);
       for (const uint32_t clients : {1u, 4u}) {
         const double kv = ThreadClients(clients, [&](uint32_t i) {
           return TcpGets(kv_address, token, 0, layout, tcp_blocks, tcp_gets, i * 16);
@@ -950,6 +1016,10 @@ int RunSidecarBench(const SidecarConfig& config) {
           "%.2f (redis %.2f)\n",
           rep, config.batch, shm.put, shm.get, emb.put, emb.get, tcp_1.back(), redis_1.back(),
           tcp_4.back(), redis_4.back());
+      std::printf(
+          "rep %u loans GB/s: shm reserve+commit %.2f borrow %.2f, embedded reserve+commit %.2f "
+          "borrow %.2f\n",
+          rep, shm_lent.put, shm_lent.get, emb_lent.put, emb_lent.get);
     }
     embedded = Status::Cancelled("closed");
     Stop(dp_redis);
@@ -1006,6 +1076,12 @@ int RunSidecarBench(const SidecarConfig& config) {
         "  shared-memory data plane, batches of %u: put %.2f GB/s vs embedded %.2f: %.2fx; get "
         "%.2f GB/s vs embedded %.2f: %.2fx (target >= 0.8x)\n",
         config.batch, sp, ep, sp / ep, sg, eg, sg / eg);
+    std::printf(
+        "  loans, batches of %u: reserve+commit %.2f GB/s vs embedded put %.2f: %.2fx; borrow "
+        "%.2f GB/s vs embedded get %.2f: %.2fx (the issue's lease Get; target >= 0.8x); "
+        "embedded: reserve+commit %.2f, borrow %.2f\n",
+        config.batch, Median(shm_reserve), ep, Median(shm_reserve) / ep, Median(shm_borrow), eg,
+        Median(shm_borrow) / eg, Median(emb_reserve), Median(emb_borrow));
     if (r1 > 0 && r4 > 0) {
       std::printf(
           "  tcp get of 512 KiB: 1 client %.2f GB/s vs redis %.2f: %.2fx; 4 clients %.2f vs "
@@ -1032,6 +1108,14 @@ int RunSidecarBench(const SidecarConfig& config) {
     j.Add("embedded_get_gbps", eg);
     j.Add("shm_put_ratio", ep > 0 ? sp / ep : 0.0);
     j.Add("shm_get_ratio", eg > 0 ? sg / eg : 0.0);
+    // The loans: the lease Get and Put (Borrow; Reserve then Commit), against the
+    // embedded store's GetBatch and PutBatch.
+    j.Add("shm_borrow_gbps", Median(shm_borrow));
+    j.Add("shm_reserve_gbps", Median(shm_reserve));
+    j.Add("shm_borrow_ratio", eg > 0 ? Median(shm_borrow) / eg : 0.0);
+    j.Add("shm_reserve_ratio", ep > 0 ? Median(shm_reserve) / ep : 0.0);
+    j.Add("embedded_borrow_gbps", Median(emb_borrow));
+    j.Add("embedded_reserve_gbps", Median(emb_reserve));
     j.Add("tcp_get_gbps", t1);
     j.Add("redis_get_gbps", r1);
     j.Add("tcp_get_ratio_redis", r1 > 0 ? t1 / r1 : 0.0);
