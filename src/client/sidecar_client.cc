@@ -39,6 +39,13 @@ constexpr uint64_t kMemberBytes = 256;
 // copies of one (into or out of the staging slots) overlap the daemon's of another.
 constexpr uint64_t kChunkBytes = uint64_t{1} << 20;
 
+flatbuffers::Offset<flatbuffers::Vector<const wire::Key*>> WireKeys(
+    flatbuffers::FlatBufferBuilder& fbb, std::span<const BlockKey> keys) {
+  std::vector<wire::Key> wire_keys(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) wire_keys[i] = wire::ToWire(keys[i]);
+  return fbb.CreateVectorOfStructs(wire_keys);
+}
+
 uint64_t MembersPerFrame(const Connection& c, uint64_t block_bytes) {
   const uint64_t per = kMemberBytes + (c.staging() != nullptr ? 0 : block_bytes);
   const uint64_t room =
@@ -311,11 +318,8 @@ Status SidecarClient::SendRegistration(uint64_t generation, bool wait) {
 
 Status SidecarClient::GetToDevice(std::span<const BlockKey> keys, std::span<const uint64_t> offsets,
                                   std::span<Status> statuses, uint64_t generation) {
-  const size_t n = keys.size();
-  flatbuffers::FlatBufferBuilder fbb(256 + n * (sizeof(wire::Key) + sizeof(uint64_t)));
-  std::vector<wire::Key> wire_keys(n);
-  for (size_t i = 0; i < n; ++i) wire_keys[i] = wire::ToWire(keys[i]);
-  auto key_vector = fbb.CreateVectorOfStructs(wire_keys);
+  flatbuffers::FlatBufferBuilder fbb(256 + keys.size() * (sizeof(wire::Key) + sizeof(uint64_t)));
+  auto key_vector = WireKeys(fbb, keys);
   auto offset_vector = fbb.CreateVector(offsets.data(), offsets.size());
   fbb.Finish(wire::CreateGetToDeviceRequest(fbb, key_vector, offset_vector));
   return CallBatch(wire::Opcode::kGetToDevice, fbb, statuses, generation);
@@ -412,11 +416,8 @@ void SidecarClient::ReturnSlots(uint64_t generation, std::span<const uint32_t> s
 Status SidecarClient::SlotBatch(bool put, std::span<const BlockKey> keys,
                                 std::span<const uint32_t> slots, std::span<Status> statuses,
                                 uint64_t generation) {
-  const size_t n = keys.size();
-  flatbuffers::FlatBufferBuilder fbb(256 + n * (sizeof(wire::Key) + sizeof(uint32_t)));
-  std::vector<wire::Key> wire_keys(n);
-  for (size_t i = 0; i < n; ++i) wire_keys[i] = wire::ToWire(keys[i]);
-  auto key_vector = fbb.CreateVectorOfStructs(wire_keys);
+  flatbuffers::FlatBufferBuilder fbb(256 + keys.size() * (sizeof(wire::Key) + sizeof(uint32_t)));
+  auto key_vector = WireKeys(fbb, keys);
   auto slot_vector = fbb.CreateVector(slots.data(), slots.size());
   if (put) {
     fbb.Finish(wire::CreatePutRequest(fbb, key_vector, slot_vector));
