@@ -1149,7 +1149,9 @@ static void TestLoans(const kvtier_options* o, const kvtier_layout* llama, Lende
 
 int main(int argc, char** argv) {
   kvtier_layout llama;
-  g_seed = argc > 1 ? strtoull(argv[1], NULL, 0) : (uint64_t)time(NULL);
+  /* kvtier_c_api_test [SEED [KVTIERD [TOKEN]]]: SEED 0 (or none) is the time. */
+  g_seed = argc > 1 ? strtoull(argv[1], NULL, 0) : 0;
+  if (g_seed == 0) g_seed = (uint64_t)time(NULL);
   g_rng = g_seed;
   printf("c_api_test: seed %" PRIu64 "\n", g_seed);
 

@@ -21,4 +21,11 @@ if(TARGET kvtierd AND TARGET kvtier_cli)
     COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/sidecar_example_test.sh $<TARGET_FILE:kvtierd>
             $<TARGET_FILE:kvtier_sidecar_example>)
   set_tests_properties(sidecar_example PROPERTIES TIMEOUT 120)
+  # The C API's loans (kvtier_borrow, kvtier_reserve) through a running kvtierd.
+  if(TARGET kvtier_c_api_test)
+    add_test(NAME c_api_sidecar
+      COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/sidecar_example_test.sh $<TARGET_FILE:kvtierd>
+              $<TARGET_FILE:kvtier_c_api_test> 0)
+    set_tests_properties(c_api_sidecar PROPERTIES TIMEOUT 120)
+  endif()
 endif()
