@@ -56,12 +56,7 @@ class StagedPutBuffers final : public PutBuffers {
   ~StagedPutBuffers() override { client_->ReturnSlots(lent_.generation, lent_.slots); }
 
   Status Commit(std::span<const BlockKey> keys, std::span<Status> statuses) override {
-    if (committed_) return Status::FailedPrecondition("PutBuffers: already committed");
-    if (keys.size() != size() || statuses.size() != size()) {
-      return Status::InvalidArgument("PutBuffers::Commit: " + std::to_string(keys.size()) +
-                                     " keys and " + std::to_string(statuses.size()) +
-                                     " statuses for " + std::to_string(size()) + " buffers");
-    }
+    KVTIER_RETURN_IF_ERROR(CheckCommit(committed_, size(), keys.size(), statuses.size()));
     committed_ = true;
     for (std::span<std::byte>& b : buffers_) b = {};
     Status s = client_->SlotBatch(/*put=*/true, keys, lent_.slots, statuses, lent_.generation);
@@ -85,11 +80,7 @@ class StagedPutBuffers final : public PutBuffers {
 
 Status SidecarStore::Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
                             std::unique_ptr<BorrowedBlocks>* blocks) {
-  if (statuses.size() != keys.size()) {
-    return Status::InvalidArgument("Borrow: " + std::to_string(statuses.size()) + " statuses for " +
-                                   std::to_string(keys.size()) + " keys");
-  }
-  if (blocks == nullptr) return Status::InvalidArgument("Borrow: no BorrowedBlocks to set");
+  KVTIER_RETURN_IF_ERROR(CheckBorrow(keys.size(), statuses.size(), blocks));
   std::vector<BlockKey> sent;
   std::vector<size_t> members;  // sent[j] is keys[members[j]]
   for (size_t i = 0; i < keys.size(); ++i) {

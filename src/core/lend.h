@@ -13,6 +13,12 @@
 
 namespace kvtier {
 
+// The argument checks every lender shares: Store::Borrow's (statuses of the keys' size,
+// somewhere to put the loan) and PutBuffers::Commit's (once; keys and statuses of the
+// buffers' number). InvalidArgument / FailedPrecondition, naming what is wrong.
+Status CheckBorrow(size_t keys, size_t statuses, const std::unique_ptr<BorrowedBlocks>* blocks);
+Status CheckCommit(bool committed, size_t buffers, size_t keys, size_t statuses);
+
 // Store::Borrow through store.GetBatch, into page-aligned memory that *blocks owns.
 Status BorrowOnHeap(Store& store, std::span<const BlockKey> keys, std::span<Status> statuses,
                     std::unique_ptr<BorrowedBlocks>* blocks);

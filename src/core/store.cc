@@ -248,6 +248,19 @@ void EmbeddedStore::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
   if (reserved != BlockIndex::kNoSlot) AbandonSlotLocked(reserved, key.namespace_id);
 }
 
+void EmbeddedStore::Impl::PinReads(std::span<const BlockKey> keys, std::span<ReadPlan> plans) {
+  bool any_promotion = false;
+  {
+    MutexLock lock(&mu);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (!plans[i].status.ok()) continue;
+      PlanReadLocked(keys[i], plans[i]);
+      any_promotion |= plans[i].promote;
+    }
+  }
+  if (any_promotion) Promote(plans, keys);
+}
+
 Status EmbeddedStore::Impl::Put(const BlockKey& key, const void* data, uint64_t bytes) {
   KVTIER_RETURN_IF_ERROR(CheckKey(key));
   KVTIER_RETURN_IF_ERROR(CheckBuffer(data, bytes));

@@ -24,15 +24,7 @@ Status EmbeddedStore::Impl::StoreBlockSource::PinHost(std::span<const BlockKey> 
     heap_plans.resize(keys.size());
     plans = heap_plans;
   }
-  bool any_promotion = false;
-  {
-    MutexLock lock(&s.mu);
-    for (size_t i = 0; i < keys.size(); ++i) {
-      s.PlanReadLocked(keys[i], plans[i]);
-      any_promotion |= plans[i].promote;
-    }
-  }
-  if (any_promotion) s.Promote(plans, keys);
+  s.PinReads(keys, plans);
   Status first;
   for (ReadPlan& p : plans) {
     if (!p.status.ok() && first.ok()) first = p.status;

@@ -132,6 +132,10 @@ struct EmbeddedStore::Impl {
     Status status;
   };
   void PlanReadLocked(const BlockKey& key, ReadPlan& plan) KVTIER_REQUIRES(mu);
+  // Plans keys[i] for every plan whose status is OK, under one hold of the lock, then
+  // promotes what is on disk only: each found block is then pinned in plans[i].slot
+  // (a failed promotion leaves no slot). The caller unpins.
+  void PinReads(std::span<const BlockKey> keys, std::span<ReadPlan> plans) KVTIER_EXCLUDES(mu);
   // Publishes a promotion's filled, pinned `slot` as the host copy of `entry` (`key`'s)
   // when its reservation was charged to the namespace's host quota or it has none;
   // otherwise (a read through) returns false, and the slot is freed at its last Unpin.

@@ -138,14 +138,8 @@ class HeapPutBuffers final : public PutBuffers {
   }
 
   Status Commit(std::span<const BlockKey> keys, std::span<Status> statuses) override {
-    if (memory_.data() == nullptr) {
-      return Status::FailedPrecondition("PutBuffers: already committed");
-    }
-    if (keys.size() != size() || statuses.size() != size()) {
-      return Status::InvalidArgument("PutBuffers::Commit: " + std::to_string(keys.size()) +
-                                     " keys and " + std::to_string(statuses.size()) +
-                                     " statuses for " + std::to_string(size()) + " buffers");
-    }
+    KVTIER_RETURN_IF_ERROR(
+        CheckCommit(memory_.data() == nullptr, size(), keys.size(), statuses.size()));
     std::vector<BlockWrite> writes(size());
     for (size_t i = 0; i < size(); ++i) {
       writes[i] = BlockWrite{keys[i], buffers_[i].data(), buffers_[i].size()};
@@ -163,26 +157,32 @@ class HeapPutBuffers final : public PutBuffers {
 
 }  // namespace
 
-Status EmbeddedStore::Impl::Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
-                                   std::unique_ptr<BorrowedBlocks>* blocks) {
-  if (statuses.size() != keys.size()) {
-    return Status::InvalidArgument("Borrow: " + std::to_string(statuses.size()) + " statuses for " +
-                                   std::to_string(keys.size()) + " keys");
+Status CheckBorrow(size_t keys, size_t statuses, const std::unique_ptr<BorrowedBlocks>* blocks) {
+  if (statuses != keys) {
+    return Status::InvalidArgument("Borrow: " + std::to_string(statuses) + " statuses for " +
+                                   std::to_string(keys) + " keys");
   }
   if (blocks == nullptr) return Status::InvalidArgument("Borrow: no BorrowedBlocks to set");
+  return Status::OK();
+}
+
+Status CheckCommit(bool committed, size_t buffers, size_t keys, size_t statuses) {
+  if (committed) return Status::FailedPrecondition("PutBuffers: already committed");
+  if (keys != buffers || statuses != buffers) {
+    return Status::InvalidArgument("PutBuffers::Commit: " + std::to_string(keys) + " keys and " +
+                                   std::to_string(statuses) + " statuses for " +
+                                   std::to_string(buffers) + " buffers");
+  }
+  return Status::OK();
+}
+
+Status EmbeddedStore::Impl::Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
+                                   std::unique_ptr<BorrowedBlocks>* blocks) {
+  KVTIER_RETURN_IF_ERROR(CheckBorrow(keys.size(), statuses.size(), blocks));
   auto pinned = std::make_unique<PinnedBlocks>(this, keys.size());
   std::vector<ReadPlan> plans(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) plans[i].status = CheckKey(keys[i]);
-  bool any_promotion = false;
-  {
-    MutexLock lock(&mu);
-    for (size_t i = 0; i < keys.size(); ++i) {
-      if (!plans[i].status.ok()) continue;
-      PlanReadLocked(keys[i], plans[i]);
-      any_promotion |= plans[i].promote;
-    }
-  }
-  if (any_promotion) Promote(plans, keys);  // a failed promotion leaves no slot
+  PinReads(keys, plans);
   {
     MutexLock lock(&mu);
     for (size_t i = 0; i < keys.size(); ++i) {
@@ -203,11 +203,7 @@ Status EmbeddedStore::Impl::Borrow(std::span<const BlockKey> keys, std::span<Sta
 
 Status BorrowOnHeap(Store& store, std::span<const BlockKey> keys, std::span<Status> statuses,
                     std::unique_ptr<BorrowedBlocks>* blocks) {
-  if (statuses.size() != keys.size()) {
-    return Status::InvalidArgument("Borrow: " + std::to_string(statuses.size()) + " statuses for " +
-                                   std::to_string(keys.size()) + " keys");
-  }
-  if (blocks == nullptr) return Status::InvalidArgument("Borrow: no BorrowedBlocks to set");
+  KVTIER_RETURN_IF_ERROR(CheckBorrow(keys.size(), statuses.size(), blocks));
   if (keys.empty()) {
     *blocks = std::make_unique<HeapBlocks>(0, std::nullopt);
     return Status::OK();
