@@ -347,10 +347,15 @@ class TestClient {
   Status Get(uint64_t id, const std::vector<BlockKey>& keys, const std::vector<uint32_t>& slots,
              std::vector<Status>* members = nullptr, std::vector<uint8_t>* data = nullptr) {
     if (!SendGet(id, keys, slots)) return Status::IOError("send");
+    return ReadGet(id, keys.size(), members, data);
+  }
+  // The reply to Get `id` of `n` keys, sent before.
+  Status ReadGet(uint64_t id, size_t n, std::vector<Status>* members = nullptr,
+                 std::vector<uint8_t>* data = nullptr) {
     std::optional<Reply> r = Expect(id, Opcode::kGet);
     if (!r) return Status::IOError("no reply");
     Status outcome;
-    std::vector<Status> m = Members(*r, keys.size(), &outcome);
+    std::vector<Status> m = Members(*r, n, &outcome);
     if (members != nullptr) *members = m;
     const auto* b = r->As<wire::BatchReply>();
     if (data != nullptr && b != nullptr && b->data() != nullptr) {
@@ -1275,6 +1280,81 @@ TEST_F(ServerTest, TcpNeedsATokenAndMovesBytesInline) {
       }
     }
   }
+}
+
+// An inline Get of blocks in the host tier is sent from their slots, pinned until the
+// reply has gone (so an overwrite meanwhile does not change it), while replies pin at
+// most a quarter of the host tier; beyond that, Gets are copied into their replies.
+TEST_F(ServerTest, InlineGetsAreSentFromPinnedHostSlotsWithinABound) {
+  StoreOptions so;
+  so.host_capacity_bytes = 1024 * 8192;  // a quarter: 256 blocks of TestLayout's 8 KiB
+  StartServer({}, so);
+  const uint64_t bb = block_bytes();
+  ASSERT_EQ(bb, 8192u);
+  auto reader = Session(0, 0);  // inline Gets over the Unix socket: its buffer is smaller
+  auto writer = Session(0, 0);  // than a 200-block reply, so the reply waits, unread
+  ASSERT_NE(reader, nullptr);
+  ASSERT_NE(writer, nullptr);
+  constexpr uint32_t kBlocks = 300;
+  std::vector<BlockKey> keys;
+  std::vector<uint8_t> v1, v2;
+  for (uint32_t i = 0; i < kBlocks; ++i) {
+    keys.push_back(Key(5, i % 2, i));
+    const auto a = RandomBlock(bb, 5000 + i), b = RandomBlock(bb, 9000 + i);
+    v1.insert(v1.end(), a.begin(), a.end());
+    v2.insert(v2.end(), b.begin(), b.end());
+  }
+  for (uint32_t first = 0; first < kBlocks; first += 100) {
+    const std::vector<BlockKey> part(keys.begin() + first, keys.begin() + first + 100);
+    const std::vector<uint8_t> bytes(v1.begin() + first * bb, v1.begin() + (first + 100) * bb);
+    ASSERT_TRUE(writer->Put(first + 1, part, {}, bytes).ok());
+  }
+  // 200 blocks: more segments than one sendmsg takes, unread: pinned.
+  const std::vector<BlockKey> first(keys.begin(), keys.begin() + 200);
+  const std::vector<BlockKey> second(keys.begin() + 100, keys.end());
+  const uint64_t requests = server_->stats().requests;
+  ASSERT_TRUE(reader->SendGet(1, first, {}));
+  ASSERT_TRUE(Eventually([&] { return server_->stats().reply_pinned_bytes == 200 * bb; }));
+  // A second would pass the bound: copied. A small request goes behind both.
+  ASSERT_TRUE(reader->SendGet(2, second, {}));
+  ASSERT_TRUE(reader->SendKeys(Opcode::kContains, 3, {keys[0]}));
+  ASSERT_TRUE(Eventually([&] { return server_->stats().requests >= requests + 3; }));
+  EXPECT_EQ(server_->stats().reply_pinned_bytes, 200 * bb);
+  // Overwritten meanwhile: the pinned blocks keep what the Get found.
+  const std::vector<uint8_t> head(v2.begin(), v2.begin() + 50 * bb);
+  ASSERT_TRUE(
+      writer->Put(10, std::vector<BlockKey>(keys.begin(), keys.begin() + 50), {}, head).ok());
+
+  // The copied Get goes to the store's workers: the replies come in any order.
+  std::map<uint64_t, Reply> replies;
+  for (int i = 0; i < 3; ++i) {
+    std::optional<Reply> r = reader->Read();
+    ASSERT_TRUE(r.has_value());
+    replies.emplace(r->header.request_id, std::move(*r));
+  }
+  ASSERT_EQ(replies.size(), 3u);
+  EXPECT_EQ(replies[3].header.opcode, static_cast<uint16_t>(Opcode::kContains));
+  for (uint64_t id : {1, 2}) {
+    const auto* b = replies[id].As<wire::BatchReply>();
+    ASSERT_NE(b, nullptr);
+    EXPECT_TRUE(wire::FromWire(b->outcome()).ok());
+    ASSERT_NE(b->data(), nullptr);
+    const uint8_t* want = v1.data() + (id == 1 ? 0 : 100 * bb);
+    ASSERT_EQ(b->data()->size(), 200 * bb);
+    EXPECT_EQ(std::memcmp(b->data()->data(), want, 200 * bb), 0) << id;
+  }
+  std::vector<Status> members;
+  std::vector<uint8_t> got;
+  EXPECT_TRUE(Eventually([&] { return server_->stats().reply_pinned_bytes == 0; }));
+  // The new versions, and zeros for a missing member, sent from the slots again.
+  const std::vector<BlockKey> mixed = {keys[0], Key(5, 0, 999), keys[299]};
+  EXPECT_EQ(reader->Get(4, mixed, {}, &members, &got).code(), StatusCode::kNotFound);
+  ASSERT_EQ(got.size(), 3 * bb);
+  EXPECT_EQ(std::memcmp(got.data(), v2.data(), bb), 0);
+  EXPECT_EQ(std::vector<uint8_t>(got.begin() + bb, got.begin() + 2 * bb),
+            std::vector<uint8_t>(bb, 0));
+  EXPECT_EQ(std::memcmp(got.data() + 2 * bb, v1.data() + 299 * bb, bb), 0);
+  EXPECT_EQ(server_->stats().reply_pinned_bytes, 0u);
 }
 
 // --- Start's checks ----------------------------------------------------------------------

@@ -145,6 +145,50 @@ TEST_P(StoreDiskTest, GetBatchFromHostServesTheHostTierAndDeclinesTheDisk) {
   EXPECT_FALSE(store.GetBatchFromHost(reads, statuses));  // spans of different sizes
 }
 
+// Its lending form: the blocks pinned in their host slots, or declined with nothing
+// pinned when a block would come from disk. Pinned blocks stay put through eviction.
+TEST_P(StoreDiskTest, BorrowFromHostLendsTheHostTierAndDeclinesTheDisk) {
+  auto opened =
+      EmbeddedStore::Open(Options(/*host_slots=*/16, /*disk_blocks=*/2048), SmallLayout());
+  ASSERT_TRUE(opened.ok()) << opened.status().ToString();
+  EmbeddedStore& store = **opened;
+  PutAll(store, 50, 1);  // the first ones are on disk only
+  ASSERT_TRUE(store.Flush().ok());
+  const BlockKey hot = Key(1, 3, 49), cold = Key(1, 0, 0), missing = Key(9, 0, 0);
+  std::vector<Status> statuses(2);
+  std::unique_ptr<BorrowedBlocks> blocks;
+
+  const uint64_t reads_before = store.Stats().disk_reads;
+  std::vector<BlockKey> keys = {cold, hot};
+  EXPECT_FALSE(store.BorrowFromHost(keys, statuses, &blocks));
+  EXPECT_EQ(blocks, nullptr);
+  EXPECT_EQ(store.Stats().disk_reads, reads_before);
+  EXPECT_FALSE(store.BorrowFromHost(keys, std::span(statuses).first(1), &blocks));
+  EXPECT_FALSE(store.BorrowFromHost(keys, statuses, nullptr));
+
+  keys = {hot, missing};
+  ASSERT_TRUE(store.BorrowFromHost(keys, statuses, &blocks));
+  ASSERT_NE(blocks, nullptr);
+  ASSERT_EQ(blocks->size(), 2u);
+  EXPECT_TRUE(statuses[0].ok()) << statuses[0].ToString();
+  EXPECT_TRUE(HoldsVersion(blocks->block(0), hot, 1));
+  EXPECT_TRUE(statuses[1].IsNotFound()) << statuses[1].ToString();
+  EXPECT_TRUE(blocks->block(1).empty());
+  // Overwritten and pushed out of the host tier by 60 more blocks meanwhile, the lent
+  // block keeps its bytes (its slot is pinned), and the new version is what Get finds.
+  auto v2 = MakeBlock(store.block_bytes(), hot, 2);
+  ASSERT_TRUE(store.Put(hot, v2.data(), v2.size()).ok());
+  for (uint32_t b = 100; b < 160; ++b) {
+    auto other = MakeBlock(store.block_bytes(), Key(2, 0, b), 1);
+    ASSERT_TRUE(store.Put(Key(2, 0, b), other.data(), other.size()).ok());
+  }
+  EXPECT_TRUE(HoldsVersion(blocks->block(0), hot, 1));
+  blocks.reset();
+  std::vector<std::byte> out(store.block_bytes());
+  ASSERT_TRUE(store.Get(hot, out.data(), out.size()).ok());
+  EXPECT_TRUE(HoldsVersion(out, hot, 2));
+}
+
 TEST_P(StoreDiskTest, ReopenServesEverythingAfterCleanClose) {
   {
     auto store = MustOpen(Options(32, 1024));

@@ -3,6 +3,7 @@
 #define KVTIER_TESTS_TEST_UTIL_H_
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "kernels/pattern.h"
@@ -36,8 +37,7 @@ inline std::vector<std::byte> MakeBlock(uint64_t bytes, const BlockKey& key, uin
   return block;
 }
 
-inline bool HoldsVersion(const std::vector<std::byte>& block, const BlockKey& key,
-                         uint64_t version) {
+inline bool HoldsVersion(std::span<const std::byte> block, const BlockKey& key, uint64_t version) {
   return FindPatternMismatch(ContentSeed(key, version), block.data(), block.size()) == block.size();
 }
 

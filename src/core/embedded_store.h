@@ -83,6 +83,12 @@ class EmbeddedStore final : public Store {
   // the caller then uses GetBatch or GetBatchAsync. For a caller that must not block on
   // I/O (kvtierd's io threads).
   bool GetBatchFromHost(std::span<const BlockRead> reads, std::span<Status> statuses);
+  // Borrow, the same way: true having lent the blocks, pinned in their host-tier slots
+  // (every found block is there: no promotion, so no wait for the disk); false, having
+  // done nothing (*blocks unset), when a found block is on disk only or the spans differ
+  // in size. For kvtierd's io threads, which send blocks from their slots.
+  bool BorrowFromHost(std::span<const BlockKey> keys, std::span<Status> statuses,
+                      std::unique_ptr<BorrowedBlocks>* blocks);
 
   // What `namespace_id` holds now (zeros for an unknown namespace). Takes the store's
   // lock for one hash lookup; safe from any thread.

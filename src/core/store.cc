@@ -248,10 +248,27 @@ void EmbeddedStore::Impl::PlanReadLocked(const BlockKey& key, ReadPlan& plan) {
   if (reserved != BlockIndex::kNoSlot) AbandonSlotLocked(reserved, key.namespace_id);
 }
 
-void EmbeddedStore::Impl::PinReads(std::span<const BlockKey> keys, std::span<ReadPlan> plans) {
+bool EmbeddedStore::Impl::OnDiskOnlyLocked(const BlockKey& key) {
+  const BlockIndex::Entry* e = index.Find(key);
+  return e != nullptr && e->host_slot == BlockIndex::kNoSlot;
+}
+
+void EmbeddedStore::Impl::PinReads(std::span<const BlockKey> keys, std::span<ReadPlan> plans,
+                                   bool host_only, bool* declined) {
   bool any_promotion = false;
   {
     MutexLock lock(&mu);
+    if (host_only) {
+      // Decided under the same hold of the lock as the plans: no block found here can
+      // leave the host tier before it is pinned.
+      for (size_t i = 0; i < keys.size(); ++i) {
+        if (plans[i].status.ok() && OnDiskOnlyLocked(keys[i])) {
+          *declined = true;
+          return;
+        }
+      }
+      *declined = false;
+    }
     for (size_t i = 0; i < keys.size(); ++i) {
       if (!plans[i].status.ok()) continue;
       PlanReadLocked(keys[i], plans[i]);
@@ -366,9 +383,7 @@ Status EmbeddedStore::Impl::RunReads(std::span<const BlockRead> reads, std::span
       // Decided under the same hold of the lock as the plans: no block found here can
       // leave the host tier before it is pinned.
       for (size_t i = 0; i < reads.size(); ++i) {
-        if (!plans[i].status.ok()) continue;
-        const BlockIndex::Entry* e = index.Find(reads[i].key);
-        if (e != nullptr && e->host_slot == BlockIndex::kNoSlot) {
+        if (plans[i].status.ok() && OnDiskOnlyLocked(reads[i].key)) {
           *declined = true;
           return Status::OK();
         }

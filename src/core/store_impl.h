@@ -120,9 +120,11 @@ struct EmbeddedStore::Impl {
   // (the read would wait for the disk); else serves every read.
   Status GetBatch(std::span<const BlockRead> reads, std::span<Status> statuses,
                   bool host_only = false, bool* declined = nullptr);
-  // Store::Borrow (store_lend.cc).
+  // Store::Borrow (store_lend.cc); `host_only` and `declined` as for GetBatch (declined:
+  // nothing is pinned and *blocks is left unset).
   Status Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
-                std::unique_ptr<BorrowedBlocks>* blocks);
+                std::unique_ptr<BorrowedBlocks>* blocks, bool host_only = false,
+                bool* declined = nullptr);
 
   // How one member of a Get is served.
   struct ReadPlan {
@@ -134,8 +136,12 @@ struct EmbeddedStore::Impl {
   void PlanReadLocked(const BlockKey& key, ReadPlan& plan) KVTIER_REQUIRES(mu);
   // Plans keys[i] for every plan whose status is OK, under one hold of the lock, then
   // promotes what is on disk only: each found block is then pinned in plans[i].slot
-  // (a failed promotion leaves no slot). The caller unpins.
-  void PinReads(std::span<const BlockKey> keys, std::span<ReadPlan> plans) KVTIER_EXCLUDES(mu);
+  // (a failed promotion leaves no slot). The caller unpins. With `host_only`, when a
+  // found block is on disk only, plans and pins nothing and sets *declined.
+  void PinReads(std::span<const BlockKey> keys, std::span<ReadPlan> plans, bool host_only = false,
+                bool* declined = nullptr) KVTIER_EXCLUDES(mu);
+  // Whether `key`'s block is found on disk only (a read of it would wait for the disk).
+  bool OnDiskOnlyLocked(const BlockKey& key) KVTIER_REQUIRES(mu);
   // Publishes a promotion's filled, pinned `slot` as the host copy of `entry` (`key`'s)
   // when its reservation was charged to the namespace's host quota or it has none;
   // otherwise (a read through) returns false, and the slot is freed at its last Unpin.

@@ -177,12 +177,14 @@ Status CheckCommit(bool committed, size_t buffers, size_t keys, size_t statuses)
 }
 
 Status EmbeddedStore::Impl::Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
-                                   std::unique_ptr<BorrowedBlocks>* blocks) {
+                                   std::unique_ptr<BorrowedBlocks>* blocks, bool host_only,
+                                   bool* declined) {
   KVTIER_RETURN_IF_ERROR(CheckBorrow(keys.size(), statuses.size(), blocks));
-  auto pinned = std::make_unique<PinnedBlocks>(this, keys.size());
   std::vector<ReadPlan> plans(keys.size());
   for (size_t i = 0; i < keys.size(); ++i) plans[i].status = CheckKey(keys[i]);
-  PinReads(keys, plans);
+  PinReads(keys, plans, host_only, declined);
+  if (host_only && *declined) return Status::OK();
+  auto pinned = std::make_unique<PinnedBlocks>(this, keys.size());
   {
     MutexLock lock(&mu);
     for (size_t i = 0; i < keys.size(); ++i) {
@@ -243,6 +245,13 @@ Result<std::unique_ptr<PutBuffers>> ReserveOnHeap(Store& store, size_t count) {
 Status EmbeddedStore::Borrow(std::span<const BlockKey> keys, std::span<Status> statuses,
                              std::unique_ptr<BorrowedBlocks>* blocks) {
   return impl_->Borrow(keys, statuses, blocks);
+}
+
+bool EmbeddedStore::BorrowFromHost(std::span<const BlockKey> keys, std::span<Status> statuses,
+                                   std::unique_ptr<BorrowedBlocks>* blocks) {
+  bool declined = true;  // stays so when the arguments are malformed (Borrow says why)
+  (void)impl_->Borrow(keys, statuses, blocks, /*host_only=*/true, &declined);
+  return !declined;
 }
 
 Result<std::unique_ptr<PutBuffers>> EmbeddedStore::Reserve(size_t count) {

@@ -19,7 +19,7 @@ namespace asio = boost::asio;
 namespace {
 
 constexpr auto kDrainTimeout = std::chrono::seconds(2);
-constexpr int kMaxIov = 64;
+constexpr int kMaxIov = 128;
 // Unix socket: descriptors one recvmsg takes (more are a truncation), and that may wait
 // for their frame (more close the connection: a client sends one, with RegisterDevice).
 constexpr size_t kMaxFdsPerRead = 8;
@@ -406,10 +406,12 @@ void Connection::ReplyBatch(Request& req) {
   // A Get over TCP continues the reply its blocks were read into (HandleGet).
   const bool inline_get = req.reply != nullptr;
   flatbuffers::FlatBufferBuilder& fbb = inline_get ? *req.reply : fbb_;
-  if (inline_get) {
+  if (inline_get && req.lent == nullptr) {  // lent: the frame sends zeros for these
     for (size_t i = 0; i < req.outcomes.size(); ++i) {
       if (!req.outcomes[i].ok()) std::memset(req.inline_out + i * block_bytes_, 0, block_bytes_);
     }
+  }
+  if (inline_get) {
     req.inline_out = nullptr;  // the builder may move it from here on
   } else {
     fbb.Clear();
@@ -425,7 +427,7 @@ void Connection::ReplyBatch(Request& req) {
   fbb.Finish(wire::CreateBatchReply(fbb, o, members, inline_get ? req.inline_vector : 0));
   if (inline_get) {
     QueueReply(static_cast<wire::Opcode>(req.opcode), req.id, req.opcode, req.arrival, -1,
-               std::move(req.reply));
+               std::move(req.reply), std::move(req.lent));
   } else {
     QueueReply(static_cast<wire::Opcode>(req.opcode), req.id, req.opcode, req.arrival);
   }
@@ -469,7 +471,8 @@ void Connection::GiveBuilder(std::unique_ptr<flatbuffers::FlatBufferBuilder> bui
 
 void Connection::QueueReply(wire::Opcode opcode, uint64_t request_id, uint16_t latency_opcode,
                             Clock::time_point t0, int fd,
-                            std::unique_ptr<flatbuffers::FlatBufferBuilder> body) {
+                            std::unique_ptr<flatbuffers::FlatBufferBuilder> body,
+                            std::unique_ptr<LentReply> lent) {
   const flatbuffers::FlatBufferBuilder& fbb = body != nullptr ? *body : fbb_;
   if (closed_) return;
   server_.counters.RecordLatency(latency_opcode, Nanos(Clock::now() - t0));
@@ -498,6 +501,7 @@ void Connection::QueueReply(wire::Opcode opcode, uint64_t request_id, uint16_t l
       h, std::span<uint8_t, wire::kHeaderBytes>(frame.bytes.data(), wire::kHeaderBytes));
   if (body != nullptr) {
     frame.body = std::move(body);
+    frame.lent = std::move(lent);
   } else {
     std::memcpy(frame.bytes.data() + wire::kHeaderBytes, fbb_.GetBufferPointer(), body_bytes);
   }
@@ -524,13 +528,14 @@ void Connection::WriteMore() {
     const bool with_fd = head.fd >= 0 && head.offset == 0;
     if (with_fd) {
       // The descriptor travels with the frame's first byte; this frame goes alone.
-      iovs = head.AppendIov(iov, kMaxIov);
+      bool whole = true;
+      iovs = head.AppendIov(iov, kMaxIov, &whole);
       AttachFd(&msg, &control, head.fd);
     } else {
-      for (auto it = out_.begin(); it != out_.end() && iovs + OutFrame::kMaxSegments <= kMaxIov;
-           ++it) {
+      bool whole = true;
+      for (auto it = out_.begin(); it != out_.end() && whole && iovs < kMaxIov; ++it) {
         if (it != out_.begin() && it->fd >= 0) break;
-        iovs += it->AppendIov(iov + iovs, kMaxIov - iovs);
+        iovs += it->AppendIov(iov + iovs, kMaxIov - iovs, &whole);
       }
     }
     msg.msg_iov = iov;
@@ -579,27 +584,42 @@ size_t Connection::OutFrame::size() const {
   return bytes.size() + (body != nullptr ? body->GetSize() : 0);
 }
 
-int Connection::OutFrame::AppendIov(iovec* iov, int room) const {
-  // The segments: all of `bytes`; or its header, the builder's body, its padding.
-  std::span<const uint8_t> segments[kMaxSegments];
-  int count = 0;
-  if (body == nullptr) {
-    segments[count++] = {bytes.data(), bytes.size()};
-  } else {
-    segments[count++] = {bytes.data(), wire::kHeaderBytes};
-    segments[count++] = {body->GetBufferPointer(), body->GetSize()};
-    segments[count++] = {bytes.data() + wire::kHeaderBytes, bytes.size() - wire::kHeaderBytes};
-  }
+int Connection::OutFrame::AppendIov(iovec* iov, int room, bool* whole) const {
+  // The segments: all of `bytes`; or its header, the builder's body (with a lent data
+  // vector in place of the builder's bytes there), its padding.
   int used = 0;
-  size_t skip = offset;
-  for (int i = 0; i < count && used < room; ++i) {
-    if (skip >= segments[i].size()) {
-      skip -= segments[i].size();
-      continue;
+  size_t skip = offset;  // bytes already sent
+  // Appends the segment's unsent part; false when out of room.
+  auto add = [&](const uint8_t* data, size_t size) {
+    if (skip >= size) {
+      skip -= size;
+      return true;
     }
-    iov[used++] = {const_cast<uint8_t*>(segments[i].data() + skip), segments[i].size() - skip};
+    if (used == room) return false;
+    iov[used++] = {const_cast<uint8_t*>(data + skip), size - skip};
     skip = 0;
+    return true;
+  };
+  bool ok = true;
+  if (body == nullptr) {
+    ok = add(bytes.data(), bytes.size());
+  } else {
+    const uint8_t* b = body->GetBufferPointer();
+    const size_t size = body->GetSize();
+    ok = add(bytes.data(), wire::kHeaderBytes);
+    if (lent == nullptr) {
+      ok = ok && add(b, size);
+    } else {
+      const size_t at = size - lent->from_end;
+      ok = ok && add(b, at);
+      for (size_t i = 0; ok && i < lent->spans.size(); ++i) {
+        ok = add(lent->spans[i].data(), lent->spans[i].size());
+      }
+      ok = ok && add(b + at + lent->bytes, size - at - lent->bytes);
+    }
+    ok = ok && add(bytes.data() + wire::kHeaderBytes, bytes.size() - wire::kHeaderBytes);
   }
+  *whole = ok;
   return used;
 }
 

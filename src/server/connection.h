@@ -16,6 +16,7 @@
 
 #include <sys/uio.h>
 
+#include <atomic>
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -85,16 +86,35 @@ class Connection : public std::enable_shared_from_this<Connection> {
     }
   };
   using FrameBytes = std::vector<uint8_t, NoInitAllocator<uint8_t>>;
+  // An inline Get's blocks that its reply sends from their host-tier slots, pinned until
+  // the frame is sent or dropped (counted in reply_pinned_bytes meanwhile): the body's
+  // data vector, at `at`, is `spans` one after the other, not the builder's bytes there
+  // (which are left unwritten: ReplyLent).
+  struct LentReply {
+    LentReply(std::atomic<uint64_t>* counter, uint64_t bytes) : counter(counter), bytes(bytes) {}
+    ~LentReply() {
+      blocks.reset();
+      counter->fetch_sub(bytes, std::memory_order_relaxed);
+    }
+    LentReply(const LentReply&) = delete;
+    LentReply& operator=(const LentReply&) = delete;
+
+    std::atomic<uint64_t>* const counter;
+    const uint64_t bytes;                         // of the data vector, counted in *counter
+    std::unique_ptr<BorrowedBlocks> blocks;       // the pins
+    std::vector<std::span<const uint8_t>> spans;  // one per key: its block, or zeros
+    size_t from_end = 0;  // where the data vector begins: bytes before the builder's end
+  };
   struct OutFrame {
-    static constexpr int kMaxSegments = 3;
     // Bytes of the frame, and its iovecs from `offset` on (at most `room`): returns how
-    // many it wrote.
+    // many it wrote, *whole telling whether they reach the frame's end.
     size_t size() const;
-    int AppendIov(iovec* iov, int room) const;
+    int AppendIov(iovec* iov, int room, bool* whole) const;
 
     // The header and body; or, with `body`, the header then the body's padding.
     FrameBytes bytes;
     std::unique_ptr<flatbuffers::FlatBufferBuilder> body;  // a request's own (inline Get)
+    std::unique_ptr<LentReply> lent;                       // with `body`: sent from slots
     size_t offset = 0;
     int fd = -1;  // sent with the frame's first byte (SCM_RIGHTS), not owned
   };
@@ -142,6 +162,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // The tail of a Get (and an emulated GetToDevice): checks the keys' namespaces, reads
   // each allowed key's block from the store into destination(req, i) (void*, block_bytes_
   // bytes), holding `slots_named` staging slots, and replies when done.
+  // A Get over TCP (inline) whose found blocks are all in the host tier, while the
+  // server's replies pin less than max_reply_pinned_bytes: replied at once, the frame
+  // sending the blocks from their pinned slots, with no copy in the daemon, and true.
+  // False, having done nothing but check the keys' namespaces, otherwise.
+  bool ReplyLent(Request& req, const flatbuffers::Vector<const wire::Key*>* keys);
   template <typename Destination>
   void GetBatchInto(std::unique_ptr<Request> req, const flatbuffers::Vector<const wire::Key*>* keys,
                     uint32_t slots_named, Destination destination);
@@ -177,7 +202,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // owns until it is sent: its bytes are not copied) and queues it.
   void QueueReply(wire::Opcode opcode, uint64_t request_id, uint16_t latency_opcode,
                   Clock::time_point t0, int fd = -1,
-                  std::unique_ptr<flatbuffers::FlatBufferBuilder> body = nullptr);
+                  std::unique_ptr<flatbuffers::FlatBufferBuilder> body = nullptr,
+                  std::unique_ptr<LentReply> lent = nullptr);
   // Builders for the replies of inline Gets, reused.
   std::unique_ptr<flatbuffers::FlatBufferBuilder> TakeBuilder();
   void GiveBuilder(std::unique_ptr<flatbuffers::FlatBufferBuilder> builder);

@@ -39,6 +39,8 @@ struct Connection::Request {
   std::unique_ptr<flatbuffers::FlatBufferBuilder> reply;
   uint8_t* inline_out = nullptr;
   flatbuffers::Offset<flatbuffers::Vector<uint8_t>> inline_vector;
+  // Or the blocks lent by the host tier, which the frame sends from (ReplyLent).
+  std::unique_ptr<LentReply> lent;
 
   // Worker-pool requests.
   BlockKey key;
@@ -58,7 +60,7 @@ struct Connection::Request {
   SelectInfo info;
 
   // GetToDevice into a CUDA pool (on the workers): the members' keys, host pins and
-  // destination offsets, compacted to those pinned before the copies.
+  // destination offsets, compacted to those pinned before the copies. ReplyLent's keys.
   std::vector<BlockKey> device_keys;
   std::vector<HostBlockRef> host_blocks;
   std::vector<const std::byte*> sources;
@@ -82,6 +84,7 @@ struct Connection::Request {
     inline_out = nullptr;
     inline_vector = 0;
     reply.reset();  // Recycle has given it back
+    lent.reset();
     block = nullptr;
     floats.clear();
     selected.clear();

@@ -206,6 +206,7 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
     return Recycle(std::move(req));
   }
   const bool use_slots = nslots > 0;
+  if (!use_slots && ReplyLent(*req, get->keys())) return Recycle(std::move(req));
   if (!use_slots) {
     // The reply's data vector first: nothing else is added to the builder until the
     // store has written the blocks into it (ReplyBatch).
@@ -222,6 +223,50 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
                  return use_slots ? static_cast<void*>(staging_->slot(get->slots()->Get(i)))
                                   : r.inline_out + uint64_t{i} * block_bytes_;
                });
+}
+
+bool Connection::ReplyLent(Request& req, const flatbuffers::Vector<const wire::Key*>* keys) {
+  CheckNamespaces(req, keys);
+  const size_t n = req.outcomes.size();
+  const uint64_t bytes = n * block_bytes_;
+  std::atomic<uint64_t>& pinned = server_.counters.reply_pinned_bytes;
+  if (n == 0 ||
+      pinned.fetch_add(bytes, std::memory_order_relaxed) + bytes > server_.max_reply_pinned_bytes) {
+    if (n > 0) pinned.fetch_sub(bytes, std::memory_order_relaxed);
+    return false;
+  }
+  auto lent = std::make_unique<LentReply>(&pinned, bytes);
+  for (uint32_t i = 0; i < n; ++i) {
+    if (!req.outcomes[i].ok()) continue;
+    req.device_keys.push_back(wire::FromWire(*keys->Get(i)));
+    req.members.push_back(i);
+  }
+  req.store_statuses.resize(req.members.size());
+  if (!server_.store->BorrowFromHost(req.device_keys, req.store_statuses, &lent->blocks)) {
+    req.device_keys.clear();
+    req.members.clear();
+    req.store_statuses.clear();
+    return false;  // ~LentReply gives the bytes back
+  }
+  const std::span<const uint8_t> zeros(server_.zero_block);
+  lent->spans.assign(n, zeros);
+  for (size_t m = 0; m < req.members.size(); ++m) {
+    const std::span<const std::byte> block = lent->blocks->block(m);
+    if (!block.empty()) {
+      lent->spans[req.members[m]] = {reinterpret_cast<const uint8_t*>(block.data()), block.size()};
+    }
+  }
+  // The data vector as HandleGet begins it, but left unwritten: the frame sends the
+  // spans in its place.
+  req.reply = TakeBuilder();
+  req.reply->ForceVectorAlignment(bytes, 1, 8);
+  uint8_t* data = nullptr;
+  req.inline_vector = req.reply->CreateUninitializedVector(bytes, &data);
+  lent->from_end =
+      static_cast<size_t>(req.reply->GetCurrentBufferPointer() + req.reply->GetSize() - data);
+  req.lent = std::move(lent);
+  Reply(req);
+  return true;
 }
 
 template <typename Destination>

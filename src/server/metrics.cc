@@ -134,6 +134,9 @@ std::string RenderMetrics(const StoreStats& s, const ServerStats& server,
            static_cast<double>(server.slow_readers_cut));
   w.Single("kvtier_leases_held", "gauge", "Staging slots named by requests in flight.",
            static_cast<double>(server.staging_slots_in_use));
+  w.Single("kvtier_reply_pinned_bytes", "gauge",
+           "Host-tier bytes pinned by inline Get replies being sent from their slots.",
+           static_cast<double>(server.reply_pinned_bytes));
   w.Single("kvtier_staging_bytes", "gauge", "Bytes of client staging areas mapped.",
            static_cast<double>(server.staging_bytes_mapped));
   w.Single("kvtier_device_pools_registered", "gauge",

@@ -77,6 +77,8 @@ struct ServerStats {
   uint64_t staging_slots_in_use = 0;     // staging slots named by requests in flight
   uint64_t device_pools_registered = 0;  // client GPU tiers mapped now (RegisterDevice)
   uint64_t direct_device_bytes = 0;      // bytes GetToDevice copied into them
+  // Host-tier bytes pinned by inline Get replies that are being sent from their slots.
+  uint64_t reply_pinned_bytes = 0;
   std::array<LatencyHistogram, kOpcodeCount> latency;  // indexed by wire::Opcode
   // Open connections per namespace id (after their handshake).
   std::vector<std::pair<uint32_t, uint64_t>> clients_per_namespace;

@@ -32,6 +32,7 @@ ServerStats ServerCounters::Snapshot(const std::vector<NamespaceConfig>& namespa
   s.requests = requests.load(std::memory_order_relaxed);
   s.staging_bytes_mapped = staging_bytes_mapped.load(std::memory_order_relaxed);
   s.staging_slots_in_use = staging_slots_in_use.load(std::memory_order_relaxed);
+  s.reply_pinned_bytes = reply_pinned_bytes.load(std::memory_order_relaxed);
   s.device_pools_registered = device_pools_registered.load(std::memory_order_relaxed);
   s.direct_device_bytes = direct_device_bytes.load(std::memory_order_relaxed);
   for (size_t op = 0; op < kOpcodeCount; ++op) {

@@ -39,6 +39,7 @@ class ServerCounters {
   std::atomic<uint64_t> staging_slots_in_use{0};
   std::atomic<uint64_t> device_pools_registered{0};
   std::atomic<uint64_t> direct_device_bytes{0};
+  std::atomic<uint64_t> reply_pinned_bytes{0};
   // Open connections past their handshake, per index into ServerContext::namespaces.
   std::unique_ptr<std::atomic<uint64_t>[]> clients_per_namespace;
 
@@ -58,12 +59,22 @@ class ServerCounters {
 
 struct ServerContext {
   ServerContext(EmbeddedStore* s, const ServerOptions& o, std::vector<NamespaceConfig> ns)
-      : store(s), options(o), namespaces(std::move(ns)), counters(namespaces.size()) {}
+      : store(s),
+        options(o),
+        namespaces(std::move(ns)),
+        max_reply_pinned_bytes(s->Stats().host_capacity_bytes / 4),
+        zero_block(s->block_bytes()),
+        counters(namespaces.size()) {}
 
   EmbeddedStore* const store;  // outlives the server
   const ServerOptions options;
   const std::vector<NamespaceConfig> namespaces;  // EffectiveNamespaces(options)
-  boost::asio::thread_pool* workers = nullptr;    // Select, IndexBlock, Flush, DropSequence
+  // Inline Get replies send host-tier blocks from their pinned slots while they pin at
+  // most this much of the host tier (a quarter) in all; beyond it, from copies. So
+  // clients slow to read their replies cannot fill the host tier with pins.
+  const uint64_t max_reply_pinned_bytes;
+  const std::vector<uint8_t> zero_block;        // what a reply sends for a block it lacks
+  boost::asio::thread_pool* workers = nullptr;  // Select, IndexBlock, Flush, DropSequence
   ServerCounters counters;
   std::atomic<bool> stopping{false};  // Stop() began: new connections close at once
   std::atomic<uint64_t> next_connection_id{1};
