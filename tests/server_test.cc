@@ -1357,6 +1357,36 @@ TEST_F(ServerTest, InlineGetsAreSentFromPinnedHostSlotsWithinABound) {
   EXPECT_EQ(server_->stats().reply_pinned_bytes, 0u);
 }
 
+// Blocks of a size that is not a multiple of 8 (12 bytes): the reply's data vector is
+// followed by padding inside the body, which a lent reply sends after the blocks.
+TEST_F(ServerTest, InlineGetsOfOddSizedBlocksAreExact) {
+  const ModelLayout odd{.num_layers = 1,
+                        .num_kv_heads = 1,
+                        .num_query_heads = 1,
+                        .head_dim = 3,
+                        .dtype = DType::kF16,
+                        .block_tokens = 1};
+  StartServer({}, {}, odd);
+  const uint64_t bb = block_bytes();
+  ASSERT_EQ(bb % 8, 4u);
+  auto c = Session(0, 0);
+  ASSERT_NE(c, nullptr);
+  const std::vector<BlockKey> keys = {Key(1, 0, 0), Key(1, 0, 1)};
+  const std::vector<uint8_t> data = RandomBlock(2 * bb, 77);
+  ASSERT_TRUE(c->Put(1, keys, {}, data).ok());
+  const std::vector<BlockKey> mixed = {keys[1], Key(1, 0, 9), keys[0]};
+  std::vector<Status> members;
+  std::vector<uint8_t> got;
+  for (uint64_t id = 2; id < 5; ++id) {  // the reply's builder reused
+    EXPECT_EQ(c->Get(id, mixed, {}, &members, &got).code(), StatusCode::kNotFound);
+    ASSERT_EQ(got.size(), 3 * bb);
+    EXPECT_EQ(std::memcmp(got.data(), data.data() + bb, bb), 0);
+    EXPECT_EQ(std::vector<uint8_t>(got.begin() + bb, got.begin() + 2 * bb),
+              std::vector<uint8_t>(bb, 0));
+    EXPECT_EQ(std::memcmp(got.data() + 2 * bb, data.data(), bb), 0);
+  }
+}
+
 // --- Start's checks ----------------------------------------------------------------------
 
 TEST_F(ServerTest, SecondServerOnTheSameSocketIsRefused) {
