@@ -136,6 +136,7 @@ TEST(DaemonMetricsTest, TheExpositionIsWellFormed) {
   s.host_blocks = 4;
   s.host_slot_bytes = 4096;
   ServerStats server;
+  server.reply_pinned_bytes = 524288;
   server.latency[2].buckets[0] = 5;   // Put: 5 fast
   server.latency[2].buckets[14] = 1;  // ... and one slow
   server.latency[2].count = 6;
@@ -170,6 +171,7 @@ TEST(DaemonMetricsTest, TheExpositionIsWellFormed) {
   }
   EXPECT_GT(samples, 40);
   EXPECT_NE(text.find("kvtier_hits_total{tier=\"host\"} 7\n"), std::string::npos);
+  EXPECT_NE(text.find("kvtier_reply_pinned_bytes 524288\n"), std::string::npos);
   EXPECT_NE(text.find("kvtier_misses_total{tier=\"host\"} 5\n"), std::string::npos);
   EXPECT_NE(text.find("kvtier_tier_used_bytes{tier=\"host\"} 16384\n"), std::string::npos);
   EXPECT_NE(text.find("kvtier_connected_clients{namespace=\"a\\\"b\"} 2\n"), std::string::npos);
