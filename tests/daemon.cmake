@@ -13,6 +13,18 @@ if(TARGET kvtierd AND TARGET kvtier_cli)
   add_dependencies(kvtier_daemon_tests kvtierd kvtier_cli)
   gtest_discover_tests(kvtier_daemon_tests DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 180)
 
+  # A client's GPU tier fed by a kvtierd process (CUDA IPC with a GPU, the emulated tier
+  # without): its own program, small enough to bundle for a GPU host (../shared/gpu).
+  add_executable(kvtier_daemon_gpu_tests daemon_gpu_test.cc)
+  target_include_directories(kvtier_daemon_gpu_tests PRIVATE ${PROJECT_SOURCE_DIR}
+                                                             ${KVTIER_GENERATED_DIR})
+  target_link_libraries(kvtier_daemon_gpu_tests PRIVATE kvtier_server kvtier GTest::gtest
+                                                        GTest::gtest_main)
+  target_compile_definitions(kvtier_daemon_gpu_tests PRIVATE
+    KVTIER_KVTIERD="$<TARGET_FILE:kvtierd>")
+  add_dependencies(kvtier_daemon_gpu_tests kvtierd)
+  gtest_discover_tests(kvtier_daemon_gpu_tests DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 180)
+
   set(KVTIER_SIDECAR_EXAMPLE ${CMAKE_CURRENT_BINARY_DIR}/readme_example/sidecar_example.cc)
   kvtier_readme_example("## Running the sidecar" ${KVTIER_SIDECAR_EXAMPLE})
   add_executable(kvtier_sidecar_example ${KVTIER_SIDECAR_EXAMPLE})

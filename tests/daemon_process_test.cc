@@ -3,6 +3,8 @@
 // byte-exact, the client reconnects); SIGKILL of a client in the middle of its Puts
 // (nothing partial, nothing leaked); eight client processes at once, each checked
 // against a model of what it may see.
+#include "tests/daemon_process.h"
+
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -28,90 +30,11 @@ namespace kvtier {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::Daemon;
 using testing::HoldsVersion;
 using testing::Key;
 using testing::MakeBlock;
 using testing::SmallLayout;
-
-class Daemon {
- public:
-  explicit Daemon(fs::path dir) : dir_(std::move(dir)) {
-    fs::create_directories(dir_);
-    std::ofstream(dir_ / "kvtierd.toml")
-        << "[store]\ndirectory = \"" << (dir_ / "store").string()
-        << "\"\nhost_capacity = \"1MiB\"\ndisk_capacity = \"64MiB\"\n"
-        << "[layout]\nlayers = 4\nkv_heads = 2\nquery_heads = 4\nhead_dim = 64\n"
-        << "dtype = \"fp16\"\nblock_tokens = 16\n"
-        << "[server]\nsocket = \"" << socket() << "\"\n"
-        << "[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n";
-  }
-  ~Daemon() {
-    if (pid_ > 0) Kill(SIGKILL);
-  }
-
-  std::string socket() const { return (dir_ / "kvtierd.sock").string(); }
-  std::string config() const { return (dir_ / "kvtierd.toml").string(); }
-  std::string log() const { return (dir_ / "kvtierd.log").string(); }
-
-  // Starts kvtierd and waits until its socket answers.
-  ::testing::AssertionResult Start() {
-    pid_ = Run({KVTIER_KVTIERD, "--config", config()}, log());
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (fs::exists(socket())) {
-        StoreOptions o;
-        o.sidecar.socket = socket();
-        o.sidecar.connect_timeout_ms = 500;
-        if (Store::Open(o, SmallLayout()).ok()) return ::testing::AssertionSuccess();
-      }
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return ::testing::AssertionFailure() << "kvtierd exited at start: " << ReadLog();
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return ::testing::AssertionFailure() << "kvtierd did not come up: " << ReadLog();
-  }
-  // Sends `sig` and waits for the process; its exit status (or 128 + signal).
-  int Kill(int sig) {
-    kill(pid_, sig);
-    int status = 0;
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-  std::string ReadLog() const {
-    std::ifstream in(log());
-    return std::string(std::istreambuf_iterator<char>(in), {});
-  }
-
-  static pid_t Run(const std::vector<std::string>& argv, const std::string& log) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      dup2(fd, 1);
-      dup2(fd, 2);
-      std::vector<char*> args;
-      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      execv(args[0], args.data());
-      _exit(127);
-    }
-    return pid;
-  }
-  // Runs to completion; the exit code.
-  static int RunToEnd(const std::vector<std::string>& argv, const std::string& log) {
-    const pid_t pid = Run(argv, log);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-
- private:
-  fs::path dir_;
-  pid_t pid_ = -1;
-};
 
 class DaemonProcessTest : public ::testing::Test {
  protected:
@@ -173,7 +96,7 @@ TEST_F(DaemonProcessTest, OneDaemonPerDirectoryAndConfigChecks) {
   ASSERT_TRUE(d.Start());
   // A second daemon on the same store directory (another socket) must refuse.
   const std::string second = (dir_ / "second.log").string();
-  EXPECT_EQ(Daemon::RunToEnd({KVTIER_KVTIERD, "--config", d.config(), "--socket",
+  EXPECT_EQ(Daemon::RunToEnd({Daemon::Binary(), "--config", d.config(), "--socket",
                               (dir_ / "other.sock").string()},
                              second),
             2);
@@ -181,14 +104,14 @@ TEST_F(DaemonProcessTest, OneDaemonPerDirectoryAndConfigChecks) {
   const std::string message(std::istreambuf_iterator<char>(in), {});
   EXPECT_NE(message.find("kvtierd:"), std::string::npos) << message;
   // --check-config: 0 and a summary for a good file, 2 and the reason for a bad one.
-  EXPECT_EQ(Daemon::RunToEnd({KVTIER_KVTIERD, "--config", d.config(), "--check-config"},
+  EXPECT_EQ(Daemon::RunToEnd({Daemon::Binary(), "--config", d.config(), "--check-config"},
                              (dir_ / "check.log").string()),
             0);
   std::ofstream(dir_ / "bad.toml") << "[store]\ndirectory = \"/x\"\nhost_capacty = 5\n";
-  EXPECT_EQ(
-      Daemon::RunToEnd({KVTIER_KVTIERD, "--config", (dir_ / "bad.toml").string(), "--check-config"},
-                       (dir_ / "bad.log").string()),
-      2);
+  EXPECT_EQ(Daemon::RunToEnd(
+                {Daemon::Binary(), "--config", (dir_ / "bad.toml").string(), "--check-config"},
+                (dir_ / "bad.log").string()),
+            2);
   std::ifstream bad(dir_ / "bad.log");
   EXPECT_NE(std::string(std::istreambuf_iterator<char>(bad), {}).find("store.host_capacty"),
             std::string::npos);
