@@ -6,7 +6,8 @@
 // or memcpy: the blocks' bytes at the addresses Acquire returns, copied by the daemon
 // (device_direct_blocks), fresh after an overwrite, and again after the daemon restarts
 // (a new process: a new IPC mapping). Then the staging path, which the client copies
-// up itself (page-locked buffers and cudaMemcpyAsync with a GPU).
+// up itself (page-locked buffers and cudaMemcpyAsync with a GPU), and PutFromPagedCache
+// from an engine's paged cache (in device memory with a GPU: the gather kernel).
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -20,6 +21,7 @@
 #include "kvtier/store.h"
 #include "tests/client_test_util.h"
 #include "tests/daemon_process.h"
+#include "tests/store_paged_test.h"
 #include "tests/test_util.h"
 
 namespace kvtier {
@@ -160,6 +162,50 @@ TEST_F(DaemonGpuTest, WithoutRegistrationTheClientCopiesUpFromStaging) {
   EXPECT_EQ(s.device_direct_blocks, 0u);
   EXPECT_EQ(s.device_fetches_host + s.device_fetches_disk, 4u);
   EXPECT_EQ(s.device_hits, 1u);
+  store.reset();
+  EXPECT_EQ(d.Kill(SIGTERM), 0) << d.ReadLog();
+}
+
+// The engine's paged cache (in device memory when there is a GPU) gathered into blocks
+// and put through the daemon: the blocks the documented layout names, in the host tier
+// and then in the GPU tier.
+TEST_F(DaemonGpuTest, PutFromPagedCacheThroughTheDaemon) {
+  Daemon d(dir_, RetrievalToml());
+  ASSERT_TRUE(d.Start());
+  auto store = Connect(d, /*direct=*/true);
+  ASSERT_NE(store, nullptr);
+  const testing::HostPagedCache cache(layout_, PagedLayout::kHND, /*combined=*/false,
+                                      /*page_size=*/8, /*pages=*/12, rng_());
+  const void* k = cache.k.data();
+  const void* v = cache.v.data();
+  void* device_k = nullptr;
+  void* device_v = nullptr;
+  if (gpu_) {
+    ASSERT_TRUE(cuda::DeviceMalloc(cache.k.size(), &device_k).ok());
+    ASSERT_TRUE(cuda::DeviceMalloc(cache.v.size(), &device_v).ok());
+    ASSERT_TRUE(cuda::Memcpy(device_k, cache.k.data(), cache.k.size()).ok());
+    ASSERT_TRUE(cuda::Memcpy(device_v, cache.v.data(), cache.v.size()).ok());
+    k = device_k;
+    v = device_v;
+  }
+  // Three blocks of 16 tokens, two pages each, in no particular order.
+  const std::vector<int32_t> table = {5, 0, 11, 3, 7, 8};
+  const std::vector<BlockKey> keys = {Key(0), Key(1), Key(2)};
+  std::vector<Status> statuses(keys.size());
+  const Status put = store->PutFromPagedCache(keys, cache.desc, k, v, table, nullptr, statuses);
+  if (gpu_) {
+    EXPECT_TRUE(cuda::DeviceFree(device_k).ok());
+    EXPECT_TRUE(cuda::DeviceFree(device_v).ok());
+  }
+  ASSERT_TRUE(put.ok()) << put.ToString();
+  std::vector<std::vector<std::byte>> blocks;
+  for (size_t b = 0; b < keys.size(); ++b) {
+    blocks.push_back(cache.ExpectedBlock({table[2 * b], table[2 * b + 1]}));
+    std::vector<std::byte> got(layout_.BytesPerBlock());
+    ASSERT_TRUE(store->Get(keys[b], got.data(), got.size()).ok());
+    EXPECT_TRUE(got == blocks[b]) << "block " << b;
+  }
+  AcquireAndCheck(*store, blocks, {2, 0, 1});
   store.reset();
   EXPECT_EQ(d.Kill(SIGTERM), 0) << d.ReadLog();
 }
