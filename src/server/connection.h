@@ -159,14 +159,20 @@ class Connection : public std::enable_shared_from_this<Connection> {
   static void CopyToCudaPool(EmbeddedStore& store, Request& r, uint64_t block_bytes);
   // The registered pool is device_ from now on.
   void InstallDevice(std::shared_ptr<DeviceMapping> device);
-  // The tail of a Get (and an emulated GetToDevice): checks the keys' namespaces, reads
-  // each allowed key's block from the store into destination(req, i) (void*, block_bytes_
-  // bytes), holding `slots_named` staging slots, and replies when done.
-  // A Get over TCP (inline) whose found blocks are all in the host tier, while the
-  // server's replies pin less than max_reply_pinned_bytes: replied at once, the frame
-  // sending the blocks from their pinned slots, with no copy in the daemon, and true.
-  // False, having done nothing but check the keys' namespaces, otherwise.
+  // Begins req's own reply (req.reply, req.inline_vector) with its data vector of `bytes`,
+  // and returns where the vector's bytes go: nothing else may be added to the builder
+  // until they are written (or, for ReplyLent, in their place).
+  uint8_t* BeginInlineReply(Request& req, uint64_t bytes);
+  // A Get over TCP (inline), its namespaces checked (req.outcomes), whose found blocks
+  // are all in the host tier, while the server's replies pin less than
+  // max_reply_pinned_bytes: replied at once, the frame sending the blocks from their
+  // pinned slots, with no copy in the daemon, and true. False, having done nothing,
+  // otherwise.
   bool ReplyLent(Request& req, const flatbuffers::Vector<const wire::Key*>* keys);
+  // The tail of a Get (and an emulated GetToDevice), its namespaces checked: reads each
+  // allowed key's block (req.outcomes[i] OK) from the store into destination(req, i)
+  // (void*, block_bytes_ bytes), holding `slots_named` staging slots, and replies when
+  // done.
   template <typename Destination>
   void GetBatchInto(std::unique_ptr<Request> req, const flatbuffers::Vector<const wire::Key*>* keys,
                     uint32_t slots_named, Destination destination);

@@ -206,18 +206,11 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
     return Recycle(std::move(req));
   }
   const bool use_slots = nslots > 0;
+  CheckNamespaces(*req, get->keys());
   if (!use_slots && ReplyLent(*req, get->keys())) return Recycle(std::move(req));
-  if (!use_slots) {
-    // The reply's data vector first: nothing else is added to the builder until the
-    // store has written the blocks into it (ReplyBatch).
-    req->reply = TakeBuilder();
-    // 8-aligned, so that Finish pads the front to a multiple of 8 and QueueReply adds no
-    // padding after it: the blocks' bytes end the body (HelloReply.get_data_last, when
-    // block_bytes is a multiple of 8; else padding would follow them here).
-    req->reply->ForceVectorAlignment(uint64_t{n} * block_bytes_, 1, 8);
-    req->inline_vector =
-        req->reply->CreateUninitializedVector(uint64_t{n} * block_bytes_, &req->inline_out);
-  }
+  // Inline: the store copies the blocks into the reply's data vector (ReplyBatch then
+  // adds the rest).
+  if (!use_slots) req->inline_out = BeginInlineReply(*req, uint64_t{n} * block_bytes_);
   GetBatchInto(std::move(req), get->keys(), use_slots ? n : 0,
                [&](Request& r, uint32_t i) -> void* {
                  return use_slots ? static_cast<void*>(staging_->slot(get->slots()->Get(i)))
@@ -225,8 +218,18 @@ void Connection::HandleGet(std::unique_ptr<Request> req, std::span<const uint8_t
                });
 }
 
+uint8_t* Connection::BeginInlineReply(Request& req, uint64_t bytes) {
+  req.reply = TakeBuilder();
+  // 8-aligned, so that Finish pads the front to a multiple of 8 and QueueReply adds no
+  // padding after it: the blocks' bytes end the body (HelloReply.get_data_last, when
+  // block_bytes is a multiple of 8; else padding would follow them here).
+  req.reply->ForceVectorAlignment(bytes, 1, 8);
+  uint8_t* data = nullptr;
+  req.inline_vector = req.reply->CreateUninitializedVector(bytes, &data);
+  return data;
+}
+
 bool Connection::ReplyLent(Request& req, const flatbuffers::Vector<const wire::Key*>* keys) {
-  CheckNamespaces(req, keys);
   const size_t n = req.outcomes.size();
   const uint64_t bytes = n * block_bytes_;
   std::atomic<uint64_t>& pinned = server_.counters.reply_pinned_bytes;
@@ -256,12 +259,8 @@ bool Connection::ReplyLent(Request& req, const flatbuffers::Vector<const wire::K
       lent->spans[req.members[m]] = {reinterpret_cast<const uint8_t*>(block.data()), block.size()};
     }
   }
-  // The data vector as HandleGet begins it, but left unwritten: the frame sends the
-  // spans in its place.
-  req.reply = TakeBuilder();
-  req.reply->ForceVectorAlignment(bytes, 1, 8);
-  uint8_t* data = nullptr;
-  req.inline_vector = req.reply->CreateUninitializedVector(bytes, &data);
+  // The data vector left unwritten: the frame sends the spans in its place.
+  const uint8_t* data = BeginInlineReply(req, bytes);
   lent->from_end =
       static_cast<size_t>(req.reply->GetCurrentBufferPointer() + req.reply->GetSize() - data);
   req.lent = std::move(lent);
@@ -273,7 +272,6 @@ template <typename Destination>
 void Connection::GetBatchInto(std::unique_ptr<Request> req,
                               const flatbuffers::Vector<const wire::Key*>* keys,
                               uint32_t slots_named, Destination destination) {
-  CheckNamespaces(*req, keys);
   for (uint32_t i = 0; i < req->outcomes.size(); ++i) {
     if (!req->outcomes[i].ok()) continue;
     req->reads.push_back(
@@ -555,6 +553,7 @@ void Connection::HandleGetToDevice(std::unique_ptr<Request> req, std::span<const
     return Recycle(std::move(req));
   }
   req->device = device_;
+  CheckNamespaces(*req, get->keys());
   if (device_->kind() == DeviceMapping::Kind::kEmulated) {
     uint8_t* const base = device_->base();
     const auto* offsets = get->offsets();
@@ -562,7 +561,6 @@ void Connection::HandleGetToDevice(std::unique_ptr<Request> req, std::span<const
       return static_cast<void*>(base + offsets->Get(i));
     });
   }
-  CheckNamespaces(*req, get->keys());
   for (uint32_t i = 0; i < n; ++i) {
     if (!req->outcomes[i].ok()) continue;
     req->device_keys.push_back(wire::FromWire(*get->keys()->Get(i)));
